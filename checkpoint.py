@@ -1,0 +1,77 @@
+"""Snapshots: tensors and plain data only, written atomically, loadable with weights_only=True."""
+import os
+import random
+
+import numpy as np
+import torch
+
+from network import build_network
+from runtime import UsageError, atomic_write
+
+FORMAT = "mmhh-snapshot/1"
+
+
+def snapshot_path(args, iteration):
+    """``<snap_path><annotation>_<s_dataset>_<t_dataset>_iter_<NNNNN>``, no extension, as released."""
+    return f"{args.snap_path}{args.annotation}_{args.s_dataset}_{args.t_dataset}_iter_{iteration:05d}"
+
+
+def save_snapshot(path, state):
+    """Write ``state`` (a dict of tensors and plain data) to ``path`` via a temporary file."""
+    atomic_write(path, lambda tmp_path: torch.save({"format": FORMAT, **state}, tmp_path))
+
+
+def load_snapshot(path, map_location="cpu"):
+    """The dict saved by ``save_snapshot``; a UsageError naming the path when it is missing or corrupt."""
+    if not os.path.isfile(path):
+        raise UsageError(f"snapshot {path} does not exist (snapshots are named "
+                         "<snap_path><annotation>_<s_dataset>_<t_dataset>_iter_<NNNNN>)")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:
+        raise UsageError(f"snapshot {path} cannot be read ({type(error).__name__}: {error}); it is "
+                         "corrupt, truncated, or a pickled model of the original release") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT or "model" not in state:
+        raise UsageError(f"snapshot {path} is not an MMHH snapshot of this project (format {FORMAT})")
+    return state
+
+
+def check_network_matches(snapshot_args, path, **given):
+    """Fail when a flag given now contradicts the network a snapshot was trained with."""
+    for flag, value in given.items():
+        if value is not None and snapshot_args.get(flag) != value:
+            raise UsageError(f"snapshot {path} was trained with --{flag} {snapshot_args.get(flag)}, "
+                             f"but --{flag} {value} was given; drop the flag or pick a matching snapshot")
+
+
+def capture_rng_state():
+    """Python, numpy and torch generator states as tensors and plain data."""
+    numpy_state = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": {"keys": torch.from_numpy(numpy_state[1].astype(np.int64)), "pos": int(numpy_state[2]),
+                  "has_gauss": int(numpy_state[3]), "cached_gaussian": float(numpy_state[4])},
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def restore_rng_state(state):
+    """Undo ``capture_rng_state``."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    numpy_state = state["numpy"]
+    np.random.set_state(("MT19937", numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
+                         numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def model_from_snapshot(snapshot):
+    """The hashing network a snapshot describes, with its trained weights."""
+    args = snapshot["args"]
+    model = build_network(args["image_network"], args["hash_bit"], backbone=args["backbone"],
+                          pretrained="none", continuation=args["image_loss_type"] == "HashNet")
+    model.load_state_dict(snapshot["model"])
+    return model

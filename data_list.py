@@ -1,0 +1,271 @@
+"""Image lists in HashNet format, the datasets they make up, and the image transforms.
+
+A list file holds one image a line: ``path l1 l2 ... lC`` with 0/1 labels. A relative path is
+taken relative to the data root when one is given, else to the list file's folder. A dataset is a
+folder ``data/NAME/`` with ``train.txt``, ``test.txt`` (queries) and ``database.txt``, and an
+optional ``dataset.json`` (written by ``pre_process.py``) with its retrieval presets.
+"""
+import json
+import os
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision import transforms
+
+SPLITS = ("train", "test", "database")
+
+# R of MAP@TopK (-1: the whole database) and the similar-pair weight of each known dataset.
+PRESETS = {
+    "coco_80": {"topk": 5000, "similar_weight": 1.0},
+    "nuswide_21": {"topk": 5000, "similar_weight": 5.0},
+    "nuswide_81": {"topk": 5000, "similar_weight": 5.0},
+    "imagenet_100": {"topk": 1000, "similar_weight": 100.0},
+    "cifar10": {"topk": -1, "similar_weight": 1.0},
+    "fashion_mnist": {"topk": -1, "similar_weight": 1.0},
+}
+
+# How to build each known dataset's lists; shown when they are missing.
+BUILD_COMMANDS = {
+    "coco_80": "python pre_process.py coco --root /path/to/coco2014",
+    "nuswide_21": "python pre_process.py nuswide --concepts 21 --root /path/to/nuswide",
+    "nuswide_81": "python pre_process.py nuswide --concepts 81 --root /path/to/nuswide",
+    "imagenet_100": "python pre_process.py imagenet100 --root /path/to/imagenet --classes classes.txt",
+    "cifar10": "python pre_process.py cifar10 --root /path/to/cifar-10-batches-py",
+    "fashion_mnist": "python pre_process.py fashion_mnist",
+}
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class DataError(ValueError):
+    """Bad or missing data: the message names the file (and line) and how to fix it."""
+
+
+@dataclass
+class DatasetSpec:
+    """Where a dataset's three lists are and how it is scored."""
+    name: str
+    lists: dict            # split -> list file path
+    data_root: str | None  # None: image paths relative to each list's folder
+    topk: int              # R of MAP@TopK; -1 means the whole database
+    similar_weight: float  # the similar-pair weight preset
+    folder: str
+
+
+def resolve_dataset(name, data_dir="data", train_list=None, test_list=None, database_list=None,
+                    data_root=None):
+    """The dataset called ``name``: its folder's lists and presets, with any part overridden."""
+    folder = os.path.join(data_dir, name)
+    overrides = {"train": train_list, "test": test_list, "database": database_list}
+    info = dict(PRESETS.get(name, {"topk": -1, "similar_weight": 1.0}))
+    info_path = os.path.join(folder, "dataset.json")
+    if os.path.isfile(info_path):
+        info.update(_read_dataset_json(info_path, folder))
+    elif name not in PRESETS and not os.path.isdir(folder) and not all(overrides.values()):
+        raise DataError(unknown_dataset_message(name, data_dir))
+    lists = {split: overrides[split] or os.path.join(folder, f"{split}.txt") for split in SPLITS}
+    return DatasetSpec(name=name, lists=lists, data_root=data_root or info.get("data_root"),
+                       topk=int(info["topk"]), similar_weight=float(info["similar_weight"]),
+                       folder=folder)
+
+
+def require_list(spec, split):
+    """The path of ``split``'s list, or a DataError saying how to build it."""
+    path = spec.lists[split]
+    if os.path.isfile(path):
+        return path
+    command = BUILD_COMMANDS.get(spec.name, f"python pre_process.py --help  # or pass --{split}_list FILE")
+    raise DataError(f"missing {split} list {path} for dataset '{spec.name}'; build it with: {command}")
+
+
+def available_datasets(data_dir="data"):
+    """Names of the dataset folders under ``data_dir`` that hold at least one list."""
+    if not os.path.isdir(data_dir):
+        return []
+    return sorted(entry for entry in os.listdir(data_dir)
+                  if any(os.path.isfile(os.path.join(data_dir, entry, f"{s}.txt")) for s in SPLITS))
+
+
+def unknown_dataset_message(name, data_dir):
+    built = ", ".join(available_datasets(data_dir)) or "none"
+    return (f"unknown dataset '{name}': no folder {os.path.join(data_dir, name)}. "
+            f"Built under {data_dir}/: {built}. Known names: {', '.join(PRESETS)}. "
+            f"Build one with pre_process.py (e.g. `{BUILD_COMMANDS['fashion_mnist']}`), "
+            f"or pass --train_list/--test_list/--database_list.")
+
+
+def read_image_list(list_path, data_root=None):
+    """Parse a HashNet-format list into image paths and a (n, C) uint8 label matrix."""
+    if not os.path.isfile(list_path):
+        raise DataError(f"list file {list_path} does not exist")
+    base = data_root if data_root is not None else os.path.dirname(os.path.abspath(list_path))
+    paths, rows = [], []
+    with open(list_path, encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            fields = line.split()
+            if not fields:
+                continue
+            rows.append(_parse_labels(fields[1:], rows[0] if rows else None, list_path, line_number))
+            paths.append(os.path.join(base, fields[0]))
+    if not paths:
+        raise DataError(f"{list_path}: the list is empty; it needs one 'path l1 ... lC' line per image")
+    return paths, np.asarray(rows, dtype=np.uint8)
+
+
+def check_images_exist(paths, list_path):
+    """Fail before any training when an image of the list is missing or unreadable."""
+    for line_number, path in enumerate(paths, start=1):
+        if not os.access(path, os.R_OK):
+            raise DataError(f"{list_path}: image {path} (entry {line_number}) is missing or unreadable; "
+                            "fix the list or pass --data_root to the folder the paths are relative to")
+
+
+def verify_list_images(list_path, data_root=None, log_every=5000):
+    """Parse a list and open every image it names; a DataError names the first bad one."""
+    paths, labels = read_image_list(list_path, data_root)
+    for line_number, path in enumerate(paths, start=1):
+        try:
+            with Image.open(path) as image:
+                image.verify()
+        except OSError as error:
+            raise DataError(f"{list_path}:{line_number}: image {path} cannot be opened ({error})") from None
+        if line_number % log_every == 0:
+            print(f"  {list_path}: {line_number}/{len(paths)} images open", flush=True)
+    return paths, labels
+
+
+def _parse_labels(tokens, first_row, list_path, line_number):
+    where = f"{list_path}:{line_number}"
+    if not tokens:
+        raise DataError(f"{where}: no labels after the image path; expected 'path l1 ... lC' with 0/1 labels")
+    if any(token not in ("0", "1") for token in tokens):
+        bad = next(token for token in tokens if token not in ("0", "1"))
+        raise DataError(f"{where}: label '{bad}' is not 0 or 1")
+    if first_row is not None and len(tokens) != len(first_row):
+        raise DataError(f"{where}: {len(tokens)} labels, but the list's first line has {len(first_row)}")
+    return [int(token) for token in tokens]
+
+
+def _read_dataset_json(info_path, folder):
+    try:
+        with open(info_path, encoding="utf-8") as handle:
+            info = json.load(handle)
+    except (OSError, json.JSONDecodeError) as error:
+        raise DataError(f"{info_path} is not valid JSON ({error}); rebuild it with pre_process.py") from None
+    root = info.get("data_root")
+    if root is not None and not os.path.isabs(root):
+        info["data_root"] = os.path.normpath(os.path.join(folder, root))
+    return {key: info[key] for key in ("topk", "similar_weight", "data_root") if key in info}
+
+
+class ImageList(Dataset):
+    """Images of a list with their labels; yields ``(image, label, index)``."""
+
+    def __init__(self, paths, labels, transform=None):
+        self.paths = paths
+        self.labels = torch.as_tensor(labels, dtype=torch.float32)  # (n, C)
+        self.transform = transform
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        try:
+            with Image.open(self.paths[index]) as image:
+                image = image.convert("RGB")
+        except OSError as error:
+            raise DataError(f"cannot read image {self.paths[index]}: {error}") from None
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, self.labels[index], index
+
+
+def read_checked_list(spec, split):
+    """Image paths and labels of one of ``spec``'s lists, every image checked to be readable."""
+    list_path = require_list(spec, split)
+    paths, labels = read_image_list(list_path, spec.data_root)
+    check_images_exist(paths, list_path)
+    return paths, labels
+
+
+class EpochBatchSampler(Sampler):
+    """Endless shuffled batches; batch t depends only on (seed, t), so a resumed run sees the same data.
+
+    Each epoch is a fresh permutation drawn from ``seed + epoch``; the last incomplete batch of an
+    epoch is dropped so every batch has ``batch_size`` items.
+    """
+
+    def __init__(self, num_items, batch_size, seed, start_iteration=0):
+        if num_items < batch_size:
+            raise DataError(f"the training list has {num_items} images, fewer than --batch_size {batch_size}")
+        self.num_items, self.batch_size, self.seed = num_items, batch_size, seed
+        self.start_iteration = start_iteration
+        self.batches_per_epoch = num_items // batch_size
+
+    def __iter__(self):
+        epoch, position = divmod(self.start_iteration, self.batches_per_epoch)
+        while True:
+            generator = torch.Generator().manual_seed(self.seed + epoch)
+            order = torch.randperm(self.num_items, generator=generator)
+            for batch in range(position, self.batches_per_epoch):
+                yield order[batch * self.batch_size:(batch + 1) * self.batch_size].tolist()
+            epoch, position = epoch + 1, 0
+
+
+def training_loader(dataset, batch_size, workers, seed, start_iteration=0):
+    """An endless loader of shuffled training batches that resumes at ``start_iteration``."""
+    sampler = EpochBatchSampler(len(dataset), batch_size, seed, start_iteration)
+    # The generator fixes the workers' seeds, so a run (or a resumed run) is reproducible.
+    generator = torch.Generator().manual_seed(seed + start_iteration)
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, generator=generator,
+                      worker_init_fn=_seed_worker, pin_memory=torch.cuda.is_available(),
+                      persistent_workers=workers > 0)
+
+
+def evaluation_loader(dataset, batch_size, workers):
+    """Items in list order, for encoding."""
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+                      pin_memory=torch.cuda.is_available())
+
+
+def _seed_worker(worker_id):
+    # torch seeds each worker from the loader's generator; numpy and random follow it.
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def train_transform(resize_size=256, crop_size=224):
+    """Resize to a square, random resized crop, horizontal flip, ImageNet normalisation."""
+    return transforms.Compose([
+        transforms.Resize((resize_size, resize_size)),
+        transforms.RandomResizedCrop(crop_size),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+def test_transform(resize_size=256, crop_size=224):
+    """Resize to a square and take the centre crop, ImageNet normalisation."""
+    return transforms.Compose([
+        transforms.Resize((resize_size, resize_size)),
+        transforms.CenterCrop(crop_size),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+def sample_items(num_items, ratio, seed):
+    """Indices of a seeded random ``ratio`` of the items, in list order (all of them for ratio 1)."""
+    if not 0.0 < ratio <= 1.0:
+        raise DataError(f"--test_sample_ratio {ratio}: must be in (0, 1]")
+    if ratio == 1.0:
+        return np.arange(num_items)
+    kept = max(1, int(round(ratio * num_items)))
+    return np.sort(np.random.default_rng(seed).choice(num_items, size=kept, replace=False))

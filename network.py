@@ -1,0 +1,135 @@
+"""Hashing networks: an ImageNet backbone, a K-bit linear hash layer, and tanh."""
+import logging
+import math
+import time
+
+import torch
+from torch import nn
+from torchvision import models
+
+log = logging.getLogger("mmhh")
+
+RESNETS = {"ResNet18": models.resnet18, "ResNet34": models.resnet34, "ResNet50": models.resnet50,
+           "ResNet101": models.resnet101, "ResNet152": models.resnet152}
+VGGS = {"VGG11": models.vgg11, "VGG13": models.vgg13, "VGG16": models.vgg16, "VGG19": models.vgg19,
+        "VGG11BN": models.vgg11_bn, "VGG13BN": models.vgg13_bn, "VGG16BN": models.vgg16_bn,
+        "VGG19BN": models.vgg19_bn}
+BACKBONES = {"AlexNetFc": {"AlexNet": models.alexnet}, "ResNetFc": RESNETS, "VGGFc": VGGS}
+DEFAULT_BACKBONE = {"AlexNetFc": "AlexNet", "ResNetFc": "ResNet50", "VGGFc": "VGG16"}
+
+# HashNet's continuation: tanh(scale * y), scale = (1 + 0.005 t)^0.5, raised every 200 iterations.
+CONTINUATION_STEP = 200
+CONTINUATION_GAMMA = 0.005
+CONTINUATION_POWER = 0.5
+
+
+class PretrainedWeightsError(ValueError):
+    """ImageNet weights could not be had; the message says how to pass a local file."""
+
+
+def build_network(image_network, hash_bit, backbone=None, pretrained="imagenet", continuation=False):
+    """AlexNetFc / ResNetFc / VGGFc with a ``hash_bit`` tanh hash layer."""
+    if image_network not in BACKBONES:
+        raise ValueError(f"--image_network {image_network!r}: choose one of {', '.join(BACKBONES)}")
+    backbone = backbone or DEFAULT_BACKBONE[image_network]
+    if backbone not in BACKBONES[image_network]:
+        raise ValueError(f"--backbone {backbone!r} does not fit --image_network {image_network}; "
+                         f"choose one of {', '.join(BACKBONES[image_network])}")
+    torchvision_model = load_backbone(BACKBONES[image_network][backbone], backbone, pretrained)
+    features, width = _feature_layers(image_network, torchvision_model)
+    return HashNetwork(features, width, hash_bit, continuation)
+
+
+class HashNetwork(nn.Module):
+    """Backbone features -> Linear(width, K) -> tanh(scale * y)."""
+
+    def __init__(self, feature_layers, feature_width, hash_bit, continuation=False):
+        super().__init__()
+        self.feature_layers = feature_layers
+        self.hash_layer = nn.Linear(feature_width, hash_bit)
+        nn.init.normal_(self.hash_layer.weight, 0.0, 0.01)
+        nn.init.zeros_(self.hash_layer.bias)
+        self.continuation = continuation
+        # A buffer, so the scale reached in training travels in the snapshot and is used at test time.
+        self.register_buffer("scale", torch.tensor(1.0))
+
+    def forward(self, images):  # (B, 3, H, W) -> (B, K)
+        features = torch.flatten(self.feature_layers(images), 1)
+        return torch.tanh(self.scale * self.hash_layer(features))
+
+    def set_iteration(self, iteration):
+        """Raise the HashNet continuation scale as the release did at 0-based ``iteration``."""
+        if self.continuation:
+            self.scale.fill_(continuation_scale(iteration))
+
+    def parameter_groups(self):
+        """Backbone at the base learning rate, the new hash layer at 10x."""
+        return [{"params": list(self.feature_layers.parameters()), "lr_mult": 1.0},
+                {"params": list(self.hash_layer.parameters()), "lr_mult": 10.0}]
+
+
+def continuation_scale(iteration):
+    """The release counted forward passes from 1 and raised the scale at each multiple of 200."""
+    reached = (iteration + 1) // CONTINUATION_STEP * CONTINUATION_STEP
+    return math.pow(1.0 + CONTINUATION_GAMMA * reached, CONTINUATION_POWER)
+
+
+def load_backbone(builder, backbone, pretrained):
+    """A torchvision model with ImageNet weights, weights from a local file, or none."""
+    if pretrained == "none":
+        return builder(weights=None)
+    if pretrained == "imagenet":
+        try:
+            return builder(weights="DEFAULT")
+        except Exception as error:  # download failures surface as URLError, OSError, RuntimeError...
+            raise PretrainedWeightsError(
+                f"could not get torchvision's ImageNet weights for {backbone} ({type(error).__name__}: "
+                f"{error}). Download them on a machine with internet (torchvision caches them under "
+                f"~/.cache/torch/hub/checkpoints/), then pass --pretrained /path/to/weights.pth, "
+                f"or train from scratch with --pretrained none.") from None
+    model = builder(weights=None)
+    try:
+        state = torch.load(pretrained, map_location="cpu", weights_only=True)
+        model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
+    except FileNotFoundError:
+        raise PretrainedWeightsError(f"--pretrained {pretrained}: no such file") from None
+    except Exception as error:
+        raise PretrainedWeightsError(
+            f"--pretrained {pretrained}: not a {backbone} state dict that torch.load(weights_only=True) "
+            f"can read ({type(error).__name__}: {error})") from None
+    return model
+
+
+def _feature_layers(image_network, model):
+    """Everything of the torchvision model up to the layer the hash layer replaces, and its width."""
+    if image_network == "ResNetFc":
+        layers = nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool, model.layer1,
+                               model.layer2, model.layer3, model.layer4, model.avgpool)
+        return layers, model.fc.in_features
+    # AlexNet and VGG: conv features, pooling, then fc6/fc7 without the last classifier layer.
+    layers = nn.Sequential(model.features, model.avgpool, nn.Flatten(1), *model.classifier[:6])
+    return layers, model.classifier[6].in_features
+
+
+@torch.no_grad()
+def encode(model, loader, device, description="encoding", log_every_s=10.0):
+    """Continuous codes and labels of every item of ``loader``'s dataset, in dataset order."""
+    was_training = model.training
+    model.eval()
+    dataset = loader.dataset
+    codes = labels = None
+    done, start, last_log = 0, time.perf_counter(), time.perf_counter()
+    for images, batch_labels, indices in loader:
+        batch_codes = model(images.to(device, non_blocking=True)).float().cpu()
+        if codes is None:
+            codes = torch.zeros(len(dataset), batch_codes.shape[1])        # (N, K)
+            labels = torch.zeros(len(dataset), batch_labels.shape[1])      # (N, C)
+        codes[indices] = batch_codes
+        labels[indices] = batch_labels.float()
+        done += len(indices)
+        if time.perf_counter() - last_log > log_every_s:
+            last_log = time.perf_counter()
+            log.info("%s: %d/%d images (%.0f img/s)", description, done, len(dataset),
+                     done / (last_log - start))
+    model.train(was_training)
+    return codes, labels

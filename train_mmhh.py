@@ -1,0 +1,420 @@
+"""Train an MMHH hashing network (or the DCH / HashNet baselines), snapshot it, evaluate it at the end.
+
+The original README's command, with our layout:
+    python train_mmhh.py --gpu_id=0 --s_dataset="coco_80" --hash_bit=48 --annotation="MMHH-train" \\
+        --loss_lambda=0.001 --num_iters=1000 --image_network="AlexNetFc" --batch_size=48 --radius 2 \\
+        --distance_type "MMHH" --similar_weight "1" --lr 0.0001 --decay_step 200 --gamma 10.0 --opt-test True
+A run interrupted (Ctrl-C, SIGTERM) or stopped continues with ``--resume SNAPSHOT``.
+"""
+import argparse
+import contextlib
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+from tensorboardX import SummaryWriter
+
+import checkpoint
+import data_list
+import loss
+import network
+import test_mmhh
+from runtime import CliError, UsageError, run_cli, seed_everything, select_device, setup_logging, str2bool
+
+log = logging.getLogger("mmhh")
+
+LR_SCHEDULES = ("Stair_Step", "HashNet_Step", "DANN_INV")
+# Weight decay of each schedule when --weight_decay is not given, as released.
+DEFAULT_WEIGHT_DECAY = {"Stair_Step": 0.1, "HashNet_Step": 5e-4, "DANN_INV": 5e-4}
+# Flags a resumed run may change: where it runs and logs, not what it computes.
+RESUME_MAY_CHANGE = {"resume", "gpu_id", "workers", "log_dir", "runs_dir", "snapshot_interval", "print_every",
+                     "check", "test_output_dir", "data_dir", "data_root", "train_list", "test_list", "database_list"}
+
+
+def parse_args(argv=None):
+    """The parsed flags, and the set of flags given explicitly on the command line."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    explicit = set(vars(parser.parse_args(argv)))
+    return args, explicit
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description="Train an MMHH (or DCH / HashNet) hashing network.")
+    run = parser.add_argument_group("run")
+    run.add_argument("--gpu_id", default="0", help="CUDA device index; 'cpu' forces the CPU (default 0)")
+    run.add_argument("--s_dataset", default="fashion_mnist", help="training dataset name (under --data_dir)")
+    run.add_argument("--t_dataset", default="", help="evaluation dataset name (default: --s_dataset)")
+    run.add_argument("--annotation", default="empty", help="run name: snapshots, logs and TensorBoard use it")
+    run.add_argument("--snap_path", default="snapshot/hash/", help="snapshot file prefix (default snapshot/hash/)")
+    run.add_argument("--log_dir", default="log/", help="folder of the log file (default log/)")
+    run.add_argument("--runs_dir", default="runs/", help="TensorBoard folder; the run logs to RUNS_DIR/ANNOTATION")
+    run.add_argument("--snapshot-interval", dest="snapshot_interval", type=int, default=1000,
+                     help="write a snapshot every N iterations (and always at the end)")
+    run.add_argument("--resume", default=None, help="continue the run saved in this snapshot")
+    run.add_argument("--pre_model_path", default="",
+                     help="initialise the weights from this snapshot; the iteration count starts at 0")
+    run.add_argument("--seed", type=int, default=0, help="seed of Python, numpy, torch and the data order")
+    run.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                     help="DataLoader worker processes (0: load in the main process)")
+    run.add_argument("--print_every", type=int, default=10, help="iterations between progress lines")
+    run.add_argument("--check", action="store_true",
+                     help="validate lists, images, snapshots and flags, then exit without training")
+    run.add_argument("--mission", default="Hashing", choices=["Hashing"], help="kept from the release")
+
+    model = parser.add_argument_group("network")
+    model.add_argument("--image_network", default="AlexNetFc", choices=list(network.BACKBONES),
+                       help="backbone family (default AlexNetFc)")
+    model.add_argument("--backbone", default=None,
+                       help="ResNet18/34/50/101/152 or VGG11..19[BN] (defaults ResNet50, VGG16)")
+    model.add_argument("--pretrained", default="imagenet",
+                       help="'imagenet' (torchvision's weights), 'none' (from scratch) or a local weights file")
+    model.add_argument("--hash_bit", type=int, default=48, help="code length K (default 48)")
+    model.add_argument("--image_loss_type", default="DHN", choices=["DHN", "HashNet"],
+                       help="HashNet: tanh continuation (scale grows every 200 iterations) and no "
+                            "quantization loss, as released; DHN: plain tanh")
+    model.add_argument("--resize_size", type=int, default=256, help="images are resized to this square")
+    model.add_argument("--crop_size", type=int, default=224, help="then cropped to this square")
+
+    objective = parser.add_argument_group("loss")
+    objective.add_argument("--distance_type", default="MMHH", choices=["MMHH", "MMHH_paper", "DCH", "HashNet", "Hamming"],
+                           help="pair loss: MMHH (as released), MMHH_paper (reconstructed paper form), DCH, "
+                                "HashNet ('Hamming' is the release's name for HashNet)")
+    objective.add_argument("--gamma", type=float, default=1.0, help="γ of the MMHH/DCH probability (default 1)")
+    objective.add_argument("--loss_lambda", type=float, default=0.1, help="λ of the quantization loss (default 0.1)")
+    objective.add_argument("--sigmoid_param", type=float, default=1.0, help="HashNet's inner-product scale")
+    objective.add_argument("--similar_weight_type", "--similar_weight", dest="similar_weight_type", default="config",
+                           help="similar-pair weight: 'config' (the dataset's preset), 'auto' "
+                                "(#dissimilar/#similar per pair matrix) or a number")
+    objective.add_argument("--margin_params", default="0.5:0.8:1.0:1.0:2.0",
+                           help="MMHH margin re-weighting sim_in:dis_in[:sim_out[:dis_out[:margin]]]")
+
+    memory = parser.add_argument_group("semi-batch memory")
+    memory.add_argument("--batch_type", default=None, choices=list(loss.BATCH_TYPES),
+                        help="PairBatch (in-batch), BatchInitMem (warm-up then memory), SemiMem (memory "
+                             "throughout); default as released: SemiMem when the similar weight > 100")
+    memory.add_argument("--batch_params", default="300", help="warm-up iterations of BatchInitMem (default 300)")
+    memory.add_argument("--semi_init_type", default="MODEL", choices=["MODEL", "RANDOM"],
+                        help="fill the memory by encoding the training set, or with random values")
+    memory.add_argument("--semi_init_momentum", type=float, default=0.5, help="μ0 of the momentum schedule")
+    memory.add_argument("--norm_memory_batch", action="store_true", help="L2-normalise updated memory rows")
+
+    optimisation = parser.add_argument_group("optimisation")
+    optimisation.add_argument("--num_iters", type=int, default=1000, help="training iterations (default 1000)")
+    optimisation.add_argument("--batch_size", type=int, default=48, help="images per batch (default 48)")
+    optimisation.add_argument("--lr", type=float, default=3e-4, help="initial learning rate (hash layer: 10x)")
+    optimisation.add_argument("--lr_schedule_type", default="Stair_Step", choices=LR_SCHEDULES,
+                              help="Stair_Step: halve every --decay_step; HashNet_Step: halve every 2000; "
+                                   "DANN_INV: lr (1 + 0.0003 t)^-0.75")
+    optimisation.add_argument("--decay_step", type=int, default=200, help="Stair_Step's halving period")
+    optimisation.add_argument("--weight_decay", type=float, default=None,
+                              help="SGD weight decay (default 0.1 for Stair_Step, 5e-4 for the others, as released)")
+
+    evaluation = parser.add_argument_group("evaluation at the end")
+    evaluation.add_argument("--radius", type=int, default=0,
+                            help="Hamming radius r: report MAP@H<=r when r > 0, else MAP@TopK")
+    evaluation.add_argument("--opt-test", dest="opt_test", type=str2bool, nargs="?", const=True, default=False,
+                            help="headline in the release's 'mmhh' convention (empty balls left out)")
+    evaluation.add_argument("--test_sample_ratio", type=float, default=1.0,
+                            help="evaluate a seeded random fraction of each list (release: unseeded 0.1)")
+    evaluation.add_argument("--topk", type=int, default=None, help="R of MAP@TopK (default: the dataset's)")
+    evaluation.add_argument("--test_output_dir", default="test_output/",
+                            help="the final codes, metrics.json and plots go to DIR/<annotation>_iter_<NNNNN>")
+    test_mmhh.add_list_flags(evaluation)
+    evaluation.add_argument("--train_list", default=None, help="training list file (overrides the dataset's)")
+    return parser
+
+
+@dataclass
+class Run:
+    """Everything a training run updates, so it can be saved and resumed as one."""
+    args: argparse.Namespace
+    model: network.HashNetwork
+    criterion: loss.HashingLoss
+    optimizer: torch.optim.Optimizer
+    memory: loss.SemiBatchMemory
+    device: torch.device
+    last_snapshot: str | None = None
+
+
+class NonFiniteLoss(CliError):
+    exit_code = 3
+
+
+def main(argv=None):
+    args, explicit = parse_args(argv)
+    resumed = checkpoint.load_snapshot(args.resume) if args.resume else None
+    if resumed:
+        args = resumed_args(args, explicit, resumed["args"], args.resume)
+    finish_args(args)
+    setup_logging(args.log_dir, args.annotation)
+    device = select_device(args.gpu_id)
+    seed_everything(args.seed)
+
+    source = data_list.resolve_dataset(args.s_dataset, args.data_dir, train_list=args.train_list,
+                                       data_root=args.data_root)
+    target = data_list.resolve_dataset(args.t_dataset, args.data_dir, test_list=args.test_list,
+                                       database_list=args.database_list, data_root=args.data_root)
+    if args.check:
+        return check_everything(args, source, target)
+    train_paths, train_labels = data_list.read_checked_list(source, "train")
+    for split in ("test", "database"):  # fail now, not after hours of training
+        data_list.read_checked_list(target, split)
+
+    run = build_run(args, source, train_labels, device)
+    start = restore_run(run, resumed) if resumed else initialise_run(run, args, train_paths, train_labels)
+    train_set = data_list.ImageList(train_paths, train_labels,
+                                    data_list.train_transform(args.resize_size, args.crop_size))
+    loader = data_list.training_loader(train_set, args.batch_size, args.workers, args.seed, start)
+    if resumed:
+        # After the loader is built: the snapshot's generator state is the one its iteration saw.
+        checkpoint.restore_rng_state(resumed["rng"])
+    writer = SummaryWriter(os.path.join(args.runs_dir, args.annotation), purge_step=start)
+    try:
+        train(run, loader, writer, start)
+        evaluate(run, target, writer)
+    finally:
+        writer.close()
+    return 0
+
+
+def resumed_args(given, explicit, saved, path):
+    """The snapshot's flags, with the run-time flags given now; other changes are refused."""
+    args = argparse.Namespace(**saved)
+    for flag in sorted(explicit):
+        value = getattr(given, flag)
+        if flag in RESUME_MAY_CHANGE:
+            setattr(args, flag, value)
+        elif value != saved.get(flag):
+            raise UsageError(f"--resume {path}: the run was trained with --{flag} {saved.get(flag)!r}; a resumed "
+                             f"run keeps its recipe, so drop --{flag} (or start a new run with --pre_model_path)")
+    return args
+
+
+def finish_args(args):
+    """Resolve the flags whose defaults depend on others, and check values argparse cannot."""
+    args.t_dataset = args.t_dataset or args.s_dataset
+    args.distance_type = "HashNet" if args.distance_type == "Hamming" else args.distance_type
+    if args.weight_decay is None:
+        args.weight_decay = DEFAULT_WEIGHT_DECAY[args.lr_schedule_type]
+    args.backbone = args.backbone or network.DEFAULT_BACKBONE[args.image_network]
+    for flag in ("num_iters", "batch_size", "hash_bit", "snapshot_interval", "decay_step", "print_every"):
+        if getattr(args, flag) <= 0:
+            raise UsageError(f"--{flag.replace('snapshot_interval', 'snapshot-interval')} must be positive")
+    if not str(args.batch_params).isdigit():
+        raise UsageError(f"--batch_params {args.batch_params!r}: the warm-up length, a whole number of iterations")
+    loss.parse_margin_params(args.margin_params)  # fails early with the flag's name
+
+
+def resolve_similar_weight(args, source):
+    """The similar-pair weight: the dataset's preset, 'auto', or a number."""
+    value = args.similar_weight_type
+    if value in ("config", "preset"):
+        return source.similar_weight
+    if value == "auto":
+        return "auto"
+    try:
+        return float(value)
+    except ValueError:
+        raise UsageError(f"--similar_weight_type {value!r}: expected 'config', 'auto' or a number") from None
+
+
+def default_batch_type(similar_weight):
+    """The release's rule: the memory pays off when similar pairs are rare (weight above 100)."""
+    return "SemiMem" if similar_weight != "auto" and similar_weight > 100 else "PairBatch"
+
+
+def build_run(args, source, train_labels, device):
+    model = network.build_network(args.image_network, args.hash_bit, backbone=args.backbone,
+                                  pretrained=args.pretrained,
+                                  continuation=args.image_loss_type == "HashNet").to(device)
+    similar_weight = resolve_similar_weight(args, source)
+    args.batch_type = args.batch_type or default_batch_type(similar_weight)
+    # As released, HashNet's continuation comes without the quantization loss.
+    loss_lambda = 0.0 if args.image_loss_type == "HashNet" else args.loss_lambda
+    criterion = loss.HashingLoss(args.distance_type, args.gamma, loss_lambda, similar_weight,
+                                 loss.parse_margin_params(args.margin_params), args.sigmoid_param)
+    groups = model.parameter_groups()
+    optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=0.9, weight_decay=args.weight_decay, nesterov=True)
+    memory = loss.SemiBatchMemory(len(train_labels), args.hash_bit, train_labels.shape[1], args.batch_type,
+                                  args.num_iters, warmup_iters=int(args.batch_params),
+                                  init_momentum=args.semi_init_momentum, normalize=args.norm_memory_batch,
+                                  device=device)
+    log.info("%s %s, %d bits, %s loss (similar weight %s), %s, %d training images, device %s",
+             args.image_network, args.backbone, args.hash_bit, args.distance_type, similar_weight,
+             args.batch_type, len(train_labels), device)
+    return Run(args, model, criterion, optimizer, memory, device)
+
+
+def initialise_run(run, args, train_paths, train_labels):
+    """A new run: optional weights from --pre_model_path, then the memory's first contents."""
+    if args.pre_model_path:
+        snapshot = checkpoint.load_snapshot(args.pre_model_path)
+        checkpoint.check_network_matches(snapshot["args"], args.pre_model_path, image_network=args.image_network,
+                                         backbone=args.backbone, hash_bit=args.hash_bit)
+        run.model.load_state_dict(snapshot["model"])
+        log.info("initialised the weights from %s", args.pre_model_path)
+    run.memory.set_labels(torch.as_tensor(train_labels, dtype=torch.float32))
+    if args.batch_type == "PairBatch":
+        return 0
+    if args.semi_init_type == "RANDOM":
+        run.memory.initialize_random(torch.Generator(device=run.device).manual_seed(args.seed))
+    else:
+        train_set = data_list.ImageList(train_paths, train_labels,
+                                        data_list.test_transform(args.resize_size, args.crop_size))
+        loader = data_list.evaluation_loader(train_set, args.batch_size, args.workers)
+        codes, _ = network.encode(run.model, loader, run.device, description="initialising the memory")
+        run.memory.initialize_codes(codes.to(run.device))
+    return 0
+
+
+def restore_run(run, snapshot):
+    """Put the model, optimizer and memory back where the snapshot left them; returns its iteration."""
+    run.model.load_state_dict(snapshot["model"])
+    run.optimizer.load_state_dict(snapshot["optimizer"])
+    run.memory.load_state_dict(snapshot["memory"])
+    run.last_snapshot = run.args.resume
+    log.info("resuming %s at iteration %d of %d", run.args.resume, snapshot["iteration"], run.args.num_iters)
+    return snapshot["iteration"]
+
+
+def learning_rate(args, iteration):
+    """The base learning rate at 0-based ``iteration``."""
+    if args.lr_schedule_type == "Stair_Step":
+        return args.lr * 0.5 ** (iteration // args.decay_step)
+    if args.lr_schedule_type == "HashNet_Step":
+        return args.lr * 0.5 ** (iteration // 2000)
+    return args.lr * (1.0 + 0.0003 * iteration) ** -0.75
+
+
+def train(run, loader, writer, start):
+    """Iterations ``start``..num_iters-1, snapshotting on schedule and on SIGINT/SIGTERM."""
+    args, model = run.args, run.model
+    batches = iter(loader)
+    model.train()
+    tick, tick_iteration = time.perf_counter(), start
+    with deferred_stop_signals() as received:
+        for iteration in range(start, args.num_iters):
+            images, labels, indices = next(batches)
+            parts, h = train_step(run, iteration, images, labels, indices)
+            completed = iteration + 1
+            if completed % args.print_every == 0 or completed == args.num_iters:
+                speed = (completed - tick_iteration) / (time.perf_counter() - tick)
+                log_progress(run, writer, iteration, parts, h, speed)
+                tick, tick_iteration = time.perf_counter(), completed
+            if completed % args.snapshot_interval == 0 or completed == args.num_iters or received:
+                save_run(run, completed)
+            if received:
+                print(f"stopped by {signal.Signals(received[0]).name} at iteration {completed}; resume with:\n"
+                      f"  python train_mmhh.py --resume {run.last_snapshot}", file=sys.stderr, flush=True)
+                raise SystemExit(128 + received[0])
+
+
+def train_step(run, iteration, images, labels, indices):
+    """One SGD step; returns the loss parts (floats) and the batch's codes."""
+    args, model, device = run.args, run.model, run.device
+    lr = learning_rate(args, iteration)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr * group["lr_mult"]
+    model.set_iteration(iteration)
+    images, labels, indices = images.to(device), labels.to(device), indices.to(device)
+    h = model(images)  # (B, K)
+    other_h, other_labels, exclude = run.memory.partner_set(h, labels, indices, iteration)
+    parts = run.criterion(h, labels, other_h, other_labels, exclude)
+    values = {name: value.item() for name, value in parts.items()}
+    if not all(math.isfinite(value) for value in values.values()):
+        raise NonFiniteLoss(f"iteration {iteration}: the loss is not finite (total {values['total']}, pair "
+                            f"{values['pair']}, quantization {values['quantization']}); stopped before the "
+                            f"update. Last good snapshot: {run.last_snapshot or 'none'}. Try a lower --lr, "
+                            f"then --resume from that snapshot or start again.")
+    run.optimizer.zero_grad(set_to_none=True)
+    parts["total"].backward()
+    run.optimizer.step()
+    run.memory.update(indices, h.detach(), iteration)
+    values["lr"] = lr
+    return values, h.detach()
+
+
+def log_progress(run, writer, iteration, parts, h, speed):
+    args = run.args
+    momentum = run.memory.momentum(iteration) if run.memory.uses_memory(iteration) else 0.0
+    remaining = (args.num_iters - iteration - 1) / max(speed, 1e-9)
+    log.info("iter %05d/%05d  loss %.4f (pair %.4f, quant %.4f)  lr %.2e  momentum %.3f  %.2f it/s  eta %s",
+             iteration + 1, args.num_iters, parts["total"], parts["pair"], parts["quantization"], parts["lr"],
+             momentum, speed, _duration(remaining))
+    step = iteration + 1
+    writer.add_scalar("Train/loss", parts["total"], step)
+    writer.add_scalar("Train/pair_loss", parts["pair"], step)
+    writer.add_scalar("Train/quantization_loss", parts["quantization"], step)
+    writer.add_scalar("Train/lr", parts["lr"], step)
+    writer.add_scalar("Train/memory_momentum", momentum, step)
+    writer.add_scalar("Train/continuation_scale", run.model.scale.item(), step)
+    writer.add_histogram("Train/code_values", h.float().cpu().numpy(), step)
+
+
+def save_run(run, iteration):
+    """Snapshot everything the run needs to continue exactly from ``iteration``."""
+    path = checkpoint.snapshot_path(run.args, iteration)
+    checkpoint.save_snapshot(path, {
+        "args": vars(run.args), "iteration": iteration, "model": run.model.state_dict(),
+        "optimizer": run.optimizer.state_dict(), "memory": run.memory.state_dict(),
+        "rng": checkpoint.capture_rng_state(),
+    })
+    run.last_snapshot = path
+    log.info("snapshot %s", path)
+
+
+def evaluate(run, target, writer):
+    """The release's final evaluation: encode the test and database lists and score them."""
+    args = run.args
+    output_dir = os.path.join(args.test_output_dir, f"{args.annotation}_iter_{args.num_iters:05d}")
+    result = test_mmhh.evaluate_model(run.model, target, args, run.device, output_dir)
+    for key, value in result.items():
+        if isinstance(value, float):
+            writer.add_scalar(f"Test/{key}", value, args.num_iters)
+    log.info("finished: final snapshot %s; codes and metrics in %s; TensorBoard: tensorboard --logdir %s",
+             run.last_snapshot, output_dir, args.runs_dir)
+
+
+def check_everything(args, source, target):
+    """--check: every list parses, every image opens, the network and its weights can be built."""
+    for spec, split in ((source, "train"), (target, "test"), (target, "database")):
+        paths, _ = data_list.verify_list_images(data_list.require_list(spec, split), spec.data_root)
+        print(f"{split}: {spec.lists[split]}: {len(paths)} images, all open")
+    if args.pre_model_path:
+        snapshot = checkpoint.load_snapshot(args.pre_model_path)
+        checkpoint.check_network_matches(snapshot["args"], args.pre_model_path, image_network=args.image_network,
+                                         backbone=args.backbone, hash_bit=args.hash_bit)
+    network.build_network(args.image_network, args.hash_bit, backbone=args.backbone, pretrained=args.pretrained)
+    resolve_similar_weight(args, source)
+    print("check passed: lists, images, snapshots and flags are usable")
+    return 0
+
+
+@contextlib.contextmanager
+def deferred_stop_signals():
+    """While active, SIGINT and SIGTERM are only recorded, so the loop can snapshot first."""
+    received = []
+    previous = {signum: signal.signal(signum, lambda number, frame: received.append(number))
+                for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _duration(seconds):
+    minutes, seconds = divmod(int(seconds), 60)
+    return f"{minutes}m{seconds:02d}s" if minutes < 60 else f"{minutes // 60}h{minutes % 60:02d}m"
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
