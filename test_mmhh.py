@@ -128,6 +128,10 @@ def evaluation_dataset(spec, split, args):
 def score_codes(database_codes, database_labels, query_codes, query_labels, radius, topk, opt_test,
                 device, output_dir=None):
     """All retrieval metrics of the codes, logged as a table and saved when ``output_dir`` is given."""
+    if topk > len(database_codes):
+        log.info("R = %d exceeds the database's %d items: MAP@TopK ranks the whole database", topk,
+                 len(database_codes))
+        topk = -1
     result = metrics.evaluate_retrieval(database_codes, database_labels, query_codes, query_labels,
                                         radius=radius, topk=topk, device=device)
     result["convention"] = "mmhh" if opt_test else "deephash"

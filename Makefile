@@ -1,0 +1,43 @@
+# `make demo`: set up, build the Fashion-MNIST lists, train MMHH on the CPU and evaluate the snapshot.
+# `make test`: set up and run the test suite.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+FASHION_ROOT ?= /usr/share/datasets/fashion-mnist
+DEMO_FLAGS := --s_dataset fashion_mnist --annotation demo --image_network ResNetFc --backbone ResNet18 \
+	--pretrained none --resize_size 32 --crop_size 28 --hash_bit 48 --batch_size 64 --num_iters 600 \
+	--lr 0.01 --decay_step 200 --weight_decay 5e-4 --gamma 10 --loss_lambda 0.001 --radius 2 \
+	--workers 2 --gpu_id cpu
+
+.PHONY: setup test demo bench clean-venv
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $@
+
+test: setup
+	$(PY) -m pytest
+
+demo: setup data/fashion_mnist/train.txt
+	$(PY) train_mmhh.py $(DEMO_FLAGS)
+	$(PY) test_mmhh.py --model_path snapshot/hash/demo_fashion_mnist_fashion_mnist_iter_00600 \
+		--dataset fashion_mnist --radius 2 --batch_size 256 --workers 2 --gpu_id cpu \
+		--annotation demo-test --output_path test_output/demo
+
+data/fashion_mnist/train.txt:
+	@if [ ! -e $(FASHION_ROOT)/train-images-idx3-ubyte.gz ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+		&& [ -z "$$MMHH_NO_APT" ]; then \
+		echo "Installing Debian's dataset-fashion-mnist (set MMHH_NO_APT=1 to skip)"; \
+		apt-get install -y -q dataset-fashion-mnist || (apt-get update -q && apt-get install -y -q dataset-fashion-mnist) || true; \
+	fi
+	$(PY) pre_process.py fashion_mnist --root $(FASHION_ROOT)
+
+bench: setup
+	$(PY) bench/bench_metrics.py
+
+clean-venv:
+	rm -rf $(VENV)
