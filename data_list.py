@@ -126,17 +126,28 @@ def check_images_exist(paths, list_path):
 
 
 def verify_list_images(list_path, data_root=None, log_every=5000):
-    """Parse a list and open every image it names; a DataError names the first bad one."""
+    """Parse a list and decode every image it names; a DataError names the first bad one."""
     paths, labels = read_image_list(list_path, data_root)
     for line_number, path in enumerate(paths, start=1):
-        try:
-            with Image.open(path) as image:
-                image.verify()
-        except OSError as error:
-            raise DataError(f"{list_path}:{line_number}: image {path} cannot be opened ({error})") from None
+        problem = image_problem(path)
+        if problem:
+            raise DataError(f"{list_path}:{line_number}: image {path} {problem}")
         if line_number % log_every == 0:
             print(f"  {list_path}: {line_number}/{len(paths)} images open", flush=True)
     return paths, labels
+
+
+def image_problem(path):
+    """Why ``path`` cannot be used as an image, or None."""
+    if not os.path.isfile(path):
+        return "is missing"
+    try:
+        with Image.open(path) as image:
+            image.draft(None, (1, 1))  # JPEG: decode at 1/8 scale; a truncated stream still fails
+            image.load()
+    except Exception as error:  # any decoder failure here would stop training on this image
+        return f"cannot be decoded by PIL ({type(error).__name__}: {error})"
+    return None
 
 
 def _parse_labels(tokens, first_row, list_path, line_number):

@@ -26,7 +26,8 @@ import sys
 import numpy as np
 from PIL import Image
 
-from data_list import PRESETS, SPLITS, DataError, read_image_list, require_list, resolve_dataset
+from data_list import (PRESETS, SPLITS, DataError, image_problem, read_image_list, require_list,
+                       resolve_dataset)
 
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
                          "Sneaker", "Bag", "Ankle boot")
@@ -382,19 +383,6 @@ def image_defects(parsed, lists, workers):
     return [f"{lists[name]}:{number}: image {path} {problems[path]}"
             for name, (line_numbers, paths, _) in parsed.items()
             for number, path in zip(line_numbers, paths) if problems[path]]
-
-
-def image_problem(path):
-    """Why ``path`` cannot be used as an image, or None."""
-    if not os.path.isfile(path):
-        return "is missing"
-    try:
-        with Image.open(path) as image:
-            image.draft(None, (1, 1))  # JPEG: decode at 1/8 scale; a truncated stream still fails
-            image.load()
-    except Exception as error:  # any decoder failure here would stop training on this image
-        return f"cannot be decoded by PIL ({type(error).__name__}: {error})"
-    return None
 
 
 def print_list_stats(parsed, lists):
