@@ -1,0 +1,77 @@
+"""PNG plots of the retrieval curves that metrics.evaluate_retrieval returns."""
+import os
+import tempfile
+
+import matplotlib
+
+matplotlib.use("Agg")      # files only: never needs a display
+
+from matplotlib.figure import Figure  # noqa: E402  (after the backend choice)
+
+
+def save_retrieval_plots(metrics, out_dir):
+    """Write precision_radius.png, pr_curve.png and precision_at_n.png into out_dir; return their paths.
+
+    ``metrics`` is the dict of ``metrics.evaluate_retrieval`` (its ``curves``, ``hash_bit``, ``radius``,
+    ``topk``). Each file is written atomically: a temporary file in out_dir, then os.replace.
+    """
+    curves = metrics["curves"]
+    bits, radius, top_r = metrics["hash_bit"], metrics["radius"], metrics["topk"]
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+
+    fig = Figure(figsize=(6.4, 4.8))
+    ax = fig.add_subplot()
+    ax.plot(curves["radius"], curves["precision"], marker=".", label="precision")
+    ax.plot(curves["radius"], curves["recall"], marker=".", label="recall")
+    ax.plot(curves["radius"], curves["map"], marker=".", label="MAP (deephash)")
+    if "map_mmhh" in curves:
+        ax.plot(curves["radius"], curves["map_mmhh"], linestyle="--", label="MAP (mmhh)")
+    if "empty_fraction" in curves:
+        ax.plot(curves["radius"], curves["empty_fraction"], linestyle=":", color="grey",
+                label="empty-ball fraction")
+    ax.axvline(radius, color="black", linewidth=0.8, alpha=0.5)
+    ax.set(xlabel="Hamming radius", ylabel="value", ylim=(-0.02, 1.02),
+           title=f"Hamming ball metrics, {bits} bits (deephash convention; marked radius {radius})")
+    ax.legend(fontsize="small")
+    paths.append(_save(fig, out_dir, "precision_radius.png"))
+
+    fig = Figure(figsize=(6.4, 4.8))
+    ax = fig.add_subplot()
+    ax.plot(curves["recall"], curves["precision"], marker=".")
+    at = curves["radius"].index(radius) if radius in curves["radius"] else None
+    if at is not None:
+        ax.scatter([curves["recall"][at]], [curves["precision"][at]], color="red", zorder=3,
+                   label=f"radius {radius}")
+        ax.legend(fontsize="small")
+    ax.set(xlabel="recall", ylabel="precision", xlim=(-0.02, 1.02), ylim=(-0.02, 1.02),
+           title=f"Precision-recall over Hamming radius 0..{bits}, {bits} bits (deephash convention)")
+    paths.append(_save(fig, out_dir, "pr_curve.png"))
+
+    fig = Figure(figsize=(6.4, 4.8))
+    ax = fig.add_subplot()
+    values = curves["precision_at_n"]
+    ax.plot(range(1, len(values) + 1), values)
+    ax.set(xlabel="N (top N of the linear scan)", ylabel="precision@N", ylim=(-0.02, 1.02),
+           title=f"Precision@N, N = 1..{top_r}, {bits} bits (continuous codes, mean over queries)")
+    paths.append(_save(fig, out_dir, "precision_at_n.png"))
+    return paths
+
+
+def _save(fig, out_dir, name):
+    """Save fig as out_dir/name through a temporary file so that a reader never sees half a PNG."""
+    for ax in fig.axes:
+        ax.title.set_fontsize("small")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = os.path.join(os.fspath(out_dir), name)
+    handle, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=out_dir)
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            fig.savefig(stream, format="png", dpi=100)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path

@@ -1,0 +1,421 @@
+"""metrics.py against a plain per-query implementation of SPEC section 6, plus fixed cases."""
+import contextlib
+import itertools
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import metrics
+import plots
+
+FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference: one query at a time, straight from the definitions
+# ----------------------------------------------------------------------------------------------
+
+def ref_rank(scores):
+    """Database indices by (-score, index)."""
+    return sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+
+
+def ref_ap(rel):
+    """AP = sum_k P@k rel_k / #relevant retrieved (0 when none)."""
+    found, total = 0, 0.0
+    for k, r in enumerate(rel, start=1):
+        if r:
+            found += 1
+            total += found / k
+    return total / found if found else 0.0
+
+
+def ref_sign(h):
+    return np.where(h >= 0, 1.0, -1.0)
+
+
+def ref_query_ball(hd, ld, hq, lq, radius):
+    """(ball size, #relevant in ball, #relevant in db, AP) of one query."""
+    K = hd.shape[1]
+    dist = (K - ref_sign(hd) @ ref_sign(hq)) / 2
+    scores = [float(np.dot(hq, x)) for x in hd]
+    relevant = [(np.asarray(l, float) @ np.asarray(lq, float)) > 0 for l in ld]
+    ball = [i for i in ref_rank(scores) if dist[i] <= radius]
+    rel = [relevant[i] for i in ball]
+    return len(ball), sum(rel), sum(relevant), ref_ap(rel)
+
+
+def ref_mean(values):
+    return sum(values) / len(values) if values else 0.0
+
+
+def ref_map_at_radius(hd, ld, hq, lq, radius, convention):
+    rows = [ref_query_ball(hd, ld, hq[i], lq[i], radius) for i in range(len(hq))]
+    prec = [f / n if n else 0.0 for n, f, _, _ in rows]
+    rec = [f / t if t else 0.0 for _, f, t, _ in rows]
+    if convention == "deephash":
+        aps = [ap for n, f, _, ap in rows if n == 0 or f > 0]
+        pr = range(len(rows))
+    else:
+        aps = [ap for n, f, _, ap in rows if n > 0]
+        pr = [i for i, row in enumerate(rows) if row[0] > 0]
+    return {"map": ref_mean(aps), "precision": ref_mean([prec[i] for i in pr]),
+            "recall": ref_mean([rec[i] for i in pr]),
+            "empty_fraction": sum(r[0] == 0 for r in rows) / len(rows)}
+
+
+def ref_top_rel(hd, ld, hq, lq, top_r, use_sign):
+    a, b = (ref_sign(hd), ref_sign(hq)) if use_sign else (hd, hq)
+    scores = [float(np.dot(b, x)) for x in a]
+    return [(np.asarray(ld[i], float) @ np.asarray(lq, float)) > 0 for i in ref_rank(scores)[:top_r]]
+
+
+def ref_map_at_topk(hd, ld, hq, lq, top_r, use_sign, convention):
+    aps = []
+    for i in range(len(hq)):
+        rel = ref_top_rel(hd, ld, hq[i], lq[i], top_r, use_sign)
+        if any(rel) or convention == "mmhh":
+            aps.append(ref_ap(rel))
+    return ref_mean(aps)
+
+
+def ref_precision_at_n(hd, ld, hq, lq, top_r):
+    rows = [ref_top_rel(hd, ld, hq[i], lq[i], top_r, False) for i in range(len(hq))]
+    return [sum(sum(rel[:n]) / n for rel in rows) / len(rows) for n in range(1, top_r + 1)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Random inputs with ties, empty balls and all-zero label rows
+# ----------------------------------------------------------------------------------------------
+
+@st.composite
+def problems(draw):
+    seed = draw(st.integers(0, 2**32 - 1))
+    n_db, n_q = draw(st.integers(1, 24)), draw(st.integers(1, 6))
+    bits, classes = draw(st.integers(1, 9)), draw(st.integers(1, 5))
+    kind = draw(st.sampled_from(["pm1", "grid", "fine"]))
+    multi = draw(st.booleans())
+    rng = np.random.default_rng(seed)
+
+    def codes(n):
+        if kind == "pm1":                        # every score an integer: ties everywhere
+            return rng.choice([-1.0, 1.0], (n, bits))
+        if kind == "grid":                       # a few values, 0 included: sign(0) and ties
+            return rng.choice([-1.0, -0.5, -0.25, 0.0, 0.25, 0.5, 1.0], (n, bits))
+        return rng.integers(-1024, 1025, (n, bits)) / 1024.0     # dyadic: exact float64 products
+
+    def labels(n):
+        if multi:
+            lab = (rng.random((n, classes)) < 0.35).astype(np.int64)
+        else:
+            lab = np.eye(classes, dtype=np.int64)[rng.integers(0, classes, n)]
+            lab[rng.random(n) < 0.15] = 0        # some all-zero rows: relevant to nothing
+        return lab
+
+    hd = codes(n_db)
+    if n_db > 1 and rng.random() < 0.5:          # duplicated database rows: exact ties
+        hd[rng.integers(0, n_db, n_db // 2)] = hd[rng.integers(0, n_db, n_db // 2)]
+    return hd, labels(n_db), codes(n_q), labels(n_q)
+
+
+def close(a, b):
+    return abs(a - b) <= 1e-9
+
+
+@contextlib.contextmanager
+def ball_method(method):
+    """Force the Hamming-ball member search ('lookup' or 'matmul'; None: automatic choice)."""
+    saved, metrics._FORCE_BALL_METHOD = metrics._FORCE_BALL_METHOD, method
+    try:
+        yield
+    finally:
+        metrics._FORCE_BALL_METHOD = saved
+
+
+# ----------------------------------------------------------------------------------------------
+# Property tests against the reference
+# ----------------------------------------------------------------------------------------------
+
+@FAST
+@given(problems(), st.data())
+def test_map_at_radius_matches_reference(problem, data):
+    hd, ld, hq, lq = problem
+    radius = data.draw(st.integers(0, hd.shape[1] + 1))
+    memory = data.draw(st.sampled_from([None, 64]))       # 64 bytes: a query (and pair block) at a time
+    method = data.draw(st.sampled_from(["lookup", "matmul"]))
+    for convention in ("deephash", "mmhh"):
+        with ball_method(method):
+            got = metrics.map_at_radius(hd, ld, hq, lq, radius, convention, device="cpu", memory_bytes=memory)
+        want = ref_map_at_radius(hd, ld, hq, lq, radius, convention)
+        for key, value in want.items():
+            assert close(got[key], value), (convention, key, got[key], value)
+
+
+@FAST
+@given(problems(), st.data())
+def test_map_at_topk_matches_reference(problem, data):
+    hd, ld, hq, lq = problem
+    n = hd.shape[0]
+    top_r = data.draw(st.integers(1, n))
+    use_sign = data.draw(st.booleans())
+    memory = data.draw(st.sampled_from([None, 64]))
+    numpy_select = data.draw(st.booleans())              # False: torch.topk, the path CUDA takes
+    for convention in ("hashnet", "mmhh"):
+        saved, metrics._NUMPY_SELECT_ON_CPU = metrics._NUMPY_SELECT_ON_CPU, numpy_select
+        try:
+            got = metrics.map_at_topk(hd, ld, hq, lq, top_r, use_sign, convention, device="cpu",
+                                      memory_bytes=memory)
+        finally:
+            metrics._NUMPY_SELECT_ON_CPU = saved
+        assert close(got, ref_map_at_topk(hd, ld, hq, lq, top_r, use_sign, convention))
+    whole = metrics.map_at_topk(hd, ld, hq, lq, None, use_sign, device="cpu")
+    assert close(whole, ref_map_at_topk(hd, ld, hq, lq, n, use_sign, "hashnet"))
+
+
+@FAST
+@given(problems(), st.sampled_from(["deephash", "mmhh"]), st.sampled_from([None, 64]))
+def test_curves_match_reference_at_every_radius(problem, convention, memory):
+    hd, ld, hq, lq = problem
+    curve = metrics.precision_recall_by_radius(hd, ld, hq, lq, convention, device="cpu",
+                                               memory_bytes=memory)
+    assert curve["radius"] == list(range(hd.shape[1] + 1))
+    for r in curve["radius"]:
+        want = ref_map_at_radius(hd, ld, hq, lq, r, convention)
+        for key in ("map", "precision", "recall", "empty_fraction"):
+            assert close(curve[key][r], want[key]), (r, key, curve[key][r], want[key])
+
+
+@FAST
+@given(problems(), st.data())
+def test_precision_at_n_matches_reference(problem, data):
+    hd, ld, hq, lq = problem
+    top_r = data.draw(st.integers(1, hd.shape[0]))
+    got = metrics.precision_at_n(hd, ld, hq, lq, top_r, device="cpu")
+    want = ref_precision_at_n(hd, ld, hq, lq, top_r)
+    assert len(got) == top_r and all(close(g, w) for g, w in zip(got, want))
+
+
+def test_larger_random_case_with_many_chunks():
+    """Clustered codes, several classes: every fast path (sub-batches, tie fix) vs the reference."""
+    rng = np.random.default_rng(3)
+    centers = rng.choice([-1.0, 1.0], (6, 12))
+    cls_d, cls_q = rng.integers(0, 6, 150), rng.integers(0, 6, 12)
+    hd = np.round(np.tanh(centers[cls_d] + 0.8 * rng.standard_normal((150, 12))) * 8) / 8
+    hq = np.round(np.tanh(centers[cls_q] + 0.8 * rng.standard_normal((12, 12))) * 8) / 8
+    ld, lq = np.eye(6)[cls_d], np.eye(6)[cls_q]
+    for memory in (None, 3000):
+        for radius, method in itertools.product((0, 2, 5), ("lookup", "matmul")):
+            with ball_method(method):
+                got = metrics.map_at_radius(hd, ld, hq, lq, radius, "mmhh", device="cpu", memory_bytes=memory)
+            assert close(got["map"], ref_map_at_radius(hd, ld, hq, lq, radius, "mmhh")["map"])
+        for top_r in (1, 37, 150):
+            got = metrics.map_at_topk(hd, ld, hq, lq, top_r, True, "hashnet", device="cpu", memory_bytes=memory)
+            assert close(got, ref_map_at_topk(hd, ld, hq, lq, top_r, True, "hashnet"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Hand-computed and synthetic cases
+# ----------------------------------------------------------------------------------------------
+
+def test_hand_computed_single_query():
+    # K = 4, query code (1, 1, 1, 1). Database (index: code -> Hamming distance, inner product, label):
+    #   0: ( 1, 1, 1,-1)       -> d 1, ip 2.0, relevant
+    #   1: ( .5,.5,.5,.5)      -> d 0, ip 2.0, not relevant  (ties item 0 at 2.0; index 0 first)
+    #   2: ( 1, 1,-1,-1)       -> d 2, ip 0.0, relevant
+    #   3: ( 1, 1, 1, 1)       -> d 0, ip 4.0, relevant
+    #   4: (-1,-1,-1,-1)       -> d 4, ip -4.0, relevant   (outside radius 2)
+    # Ranking inside the ball (d <= 2): 3 (rel), 0 (rel), 1 (not), 2 (rel).
+    # AP = (1/1 + 2/2 + 3/4) / 3 = 2.75 / 3. Precision 3/4, recall 3/4 (item 4 is relevant too).
+    hd = np.array([[1, 1, 1, -1], [.5, .5, .5, .5], [1, 1, -1, -1], [1, 1, 1, 1], [-1, -1, -1, -1]])
+    ld = np.array([[1, 0], [0, 1], [1, 1], [1, 0], [1, 0]])
+    hq, lq = np.ones((1, 4)), np.array([[1, 0]])
+    got = metrics.map_at_radius(hd, ld, hq, lq, radius=2, device="cpu")
+    assert got["map"] == pytest.approx(2.75 / 3, abs=1e-12)
+    assert got["precision"] == pytest.approx(0.75) and got["recall"] == pytest.approx(0.75)
+    assert got["empty_fraction"] == 0.0
+    # Top 3 by inner product: 3 (4.0, rel), 0 (2.0, rel), 1 (2.0, not) -> AP = (1 + 1) / 2 = 1.
+    assert metrics.map_at_topk(hd, ld, hq, lq, 3, device="cpu") == pytest.approx(1.0)
+    # Top 4 adds item 2 (rel) at rank 4: AP = (1 + 1 + 3/4) / 3.
+    assert metrics.map_at_topk(hd, ld, hq, lq, 4, device="cpu") == pytest.approx(2.75 / 3)
+    # Sign codes: items 1 and 3 both score 4, 0 scores 2, 2 scores 0: order 1, 3, 0, 2, 4.
+    # Top 2 -> rel (0, 1): AP = (1/2) / 1.
+    assert metrics.map_at_topk(hd, ld, hq, lq, 2, use_sign=True, device="cpu") == pytest.approx(0.5)
+    assert metrics.precision_at_n(hd, ld, hq, lq, 4, device="cpu") == pytest.approx([1, 1, 2 / 3, 3 / 4])
+
+
+def test_tie_order_is_database_order():
+    # Two identical codes with different relevance: the lower index is ranked first.
+    hd = np.array([[1.0, 1.0], [1.0, 1.0]])
+    hq = np.array([[1.0, 1.0]])
+    relevant_first = metrics.map_at_radius(hd, [[1], [0]], hq, [[1]], 0, device="cpu")["map"]
+    relevant_second = metrics.map_at_radius(hd, [[0], [1]], hq, [[1]], 0, device="cpu")["map"]
+    assert relevant_first == 1.0 and relevant_second == 0.5
+    assert metrics.map_at_topk(hd, [[0], [1]], hq, [[1]], 1, convention="mmhh", device="cpu") == 0.0
+
+
+def test_signed_zero_scores_tie():
+    # ip with item 0 is -0.0 (0 * -1 summed), with item 1 +0.0: equal scores, index order.
+    hd = np.array([[-1.0, -1.0], [1.0, 1.0]])
+    hq = np.array([[0.0, 0.0]])
+    assert metrics.map_at_topk(hd, [[0], [1]], hq, [[1]], 2, device="cpu") == 0.5
+
+
+def test_empty_balls_split_the_conventions():
+    # 20 queries; only query 0 has a database item within radius 2 (a relevant one). deephash counts
+    # the 19 empty balls as AP 0 -> 1/20; mmhh leaves them out -> 1.0.
+    rng = np.random.default_rng(0)
+    K = 48
+    hq = rng.choice([-1.0, 1.0], (20, K))
+    hd = np.concatenate([hq[:1], -hq[1:]])          # item i = -query i: distance 48 for i >= 1
+    hd[1:, :2] = 1.0
+    labels = np.eye(20)
+    dh = metrics.map_at_radius(hd, labels, hq, labels, 2, "deephash", device="cpu")
+    mm = metrics.map_at_radius(hd, labels, hq, labels, 2, "mmhh", device="cpu")
+    assert dh["empty_fraction"] == mm["empty_fraction"] == 0.95
+    assert dh["map"] == pytest.approx(0.05) and mm["map"] == 1.0
+    assert dh["precision"] == pytest.approx(0.05) and mm["precision"] == 1.0
+
+
+def test_everything_left_out_gives_zero_not_nan():
+    hd, hq = np.array([[1.0, 1.0]]), np.array([[-1.0, -1.0]])
+    assert metrics.map_at_radius(hd, [[1]], hq, [[1]], 0, "mmhh", device="cpu")["map"] == 0.0
+    assert metrics.map_at_topk(hd, [[0]], hq, [[1]], 1, convention="hashnet", device="cpu") == 0.0
+
+
+def test_torch_and_numpy_inputs_agree():
+    rng = np.random.default_rng(1)
+    hd, hq = rng.standard_normal((40, 8)), rng.standard_normal((5, 8))
+    ld, lq = rng.integers(0, 2, (40, 3)), rng.integers(0, 2, (5, 3))
+    as_numpy = metrics.map_at_radius(hd, ld, hq, lq, 3, device="cpu")
+    as_torch = metrics.map_at_radius(torch.tensor(hd, dtype=torch.float32), torch.tensor(ld).bool(),
+                                     torch.tensor(hq, dtype=torch.float32), torch.tensor(lq), 3, device="cpu")
+    assert as_numpy["empty_fraction"] == as_torch["empty_fraction"]
+    assert as_numpy["precision"] == pytest.approx(as_torch["precision"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu():
+    rng = np.random.default_rng(2)
+    hd, hq = rng.choice([-1.0, -0.5, 0.5, 1.0], (300, 16)), rng.choice([-1.0, -0.5, 0.5, 1.0], (20, 16))
+    ld, lq = rng.integers(0, 2, (300, 4)), rng.integers(0, 2, (20, 4))
+    cpu = metrics.evaluate_retrieval(hd, ld, hq, lq, 3, 50, device="cpu")
+    gpu = metrics.evaluate_retrieval(hd, ld, hq, lq, 3, 50, device="cuda")
+    for key in ("map_radius_deephash", "map_radius_mmhh", "map_topk", "map_topk_sign", "map_topk_mmhh"):
+        assert close(cpu[key], gpu[key])
+    assert np.allclose(cpu["curves"]["map"], gpu["curves"]["map"], atol=1e-12, rtol=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation
+# ----------------------------------------------------------------------------------------------
+
+GOOD = (np.ones((4, 3)), np.eye(4)[:, :2], np.ones((2, 3)), np.eye(2))
+
+
+@pytest.mark.parametrize("index, value, name", [
+    (2, np.ones((2, 5)), "query_codes"),                      # 5 columns vs 3
+    (1, np.eye(3)[:, :2], "database_labels"),                 # 3 rows vs 4 codes
+    (3, np.eye(2)[:1], "query_labels"),                       # 1 row vs 2 codes
+    (3, np.ones((2, 3)), "query_labels"),                     # 3 classes vs 2
+    (1, np.full((4, 2), 2), "database_labels"),               # not 0/1
+    (3, np.array([[0.5, 0], [0, 1]]), "query_labels"),        # not 0/1
+    (0, np.array([[1, 1, np.nan]] * 4), "database_codes"),    # NaN
+    (2, np.array([[1, np.inf, 1]] * 2), "query_codes"),       # inf
+    (0, np.ones(4), "database_codes"),                        # 1-D
+    (2, np.ones((0, 3)), "query_codes"),                      # no rows
+])
+def test_bad_inputs_name_the_argument(index, value, name):
+    args = list(GOOD)
+    args[index] = value
+    with pytest.raises(ValueError, match=name):
+        metrics.map_at_radius(*args, device="cpu")
+    with pytest.raises(ValueError, match=name):
+        metrics.evaluate_retrieval(*args, device="cpu")
+
+
+@pytest.mark.parametrize("call, name", [
+    (lambda: metrics.map_at_radius(*GOOD, radius=-1, device="cpu"), "radius"),
+    (lambda: metrics.map_at_radius(*GOOD, radius=1.5, device="cpu"), "radius"),
+    (lambda: metrics.map_at_radius(*GOOD, convention="hashnet", device="cpu"), "convention"),
+    (lambda: metrics.map_at_topk(*GOOD, topk=5, device="cpu"), "topk"),
+    (lambda: metrics.map_at_topk(*GOOD, topk=0, device="cpu"), "topk"),
+    (lambda: metrics.map_at_topk(*GOOD, topk=-2, device="cpu"), "topk"),
+    (lambda: metrics.map_at_topk(*GOOD, topk=2, convention="deephash", device="cpu"), "convention"),
+    (lambda: metrics.precision_recall_by_radius(*GOOD, convention="x", device="cpu"), "convention"),
+    (lambda: metrics.precision_at_n(*GOOD, topk=9, device="cpu"), "topk"),
+    (lambda: metrics.evaluate_retrieval(*GOOD, radius=-3, device="cpu"), "radius"),
+])
+def test_bad_arguments_name_the_argument(call, name):
+    with pytest.raises(ValueError, match=name):
+        call()
+
+
+# ----------------------------------------------------------------------------------------------
+# evaluate_retrieval and plots
+# ----------------------------------------------------------------------------------------------
+
+def small_problem():
+    rng = np.random.default_rng(5)
+    centers = rng.choice([-1.0, 1.0], (4, 16))
+    cls_d, cls_q = rng.integers(0, 4, 200), rng.integers(0, 4, 10)
+    hd = np.tanh(2 * (centers[cls_d] + 0.5 * rng.standard_normal((200, 16))))
+    hq = np.tanh(2 * (centers[cls_q] + 0.5 * rng.standard_normal((10, 16))))
+    return hd, np.eye(4)[cls_d], hq, np.eye(4)[cls_q]
+
+
+def test_evaluate_retrieval_dict():
+    hd, ld, hq, lq = small_problem()
+    result = metrics.evaluate_retrieval(hd, ld, hq, lq, radius=2, topk=50, device="cpu")
+    json.dumps(result)                                      # plain Python types only
+    for key in ("map_radius_deephash", "map_radius_mmhh", "precision_radius", "recall_radius",
+                "empty_ball_fraction", "map_topk", "map_topk_sign", "map_topk_mmhh"):
+        assert isinstance(result[key], float) and 0.0 <= result[key] <= 1.0 and not math.isnan(result[key])
+    assert (result["radius"], result["topk"], result["num_queries"], result["num_database"],
+            result["hash_bit"]) == (2, 50, 10, 200, 16)
+    curves = result["curves"]
+    assert curves["radius"] == list(range(17))
+    for key in ("precision", "recall", "map", "map_mmhh", "empty_fraction"):
+        assert len(curves[key]) == 17
+    assert len(curves["precision_at_n"]) == 50
+    # The figures agree with the single-purpose functions.
+    assert close(result["map_radius_deephash"], curves["map"][2])
+    assert close(result["map_radius_mmhh"], curves["map_mmhh"][2])
+    assert close(result["map_radius_mmhh"], metrics.map_at_radius(hd, ld, hq, lq, 2, "mmhh", device="cpu")["map"])
+    assert close(result["map_topk_sign"], metrics.map_at_topk(hd, ld, hq, lq, 50, True, device="cpu"))
+    whole = metrics.evaluate_retrieval(hd, ld, hq, lq, 20, -1, device="cpu")   # radius > K: everything
+    assert whole["topk"] == 200 and len(whole["curves"]["precision_at_n"]) == 200
+    assert close(whole["map_radius_mmhh"], metrics.map_at_radius(hd, ld, hq, lq, 20, "mmhh", device="cpu")["map"])
+
+
+def test_save_retrieval_plots(tmp_path):
+    hd, ld, hq, lq = small_problem()
+    result = metrics.evaluate_retrieval(hd, ld, hq, lq, radius=2, topk=50, device="cpu")
+    paths = plots.save_retrieval_plots(result, tmp_path / "plots")
+    names = sorted(p.rsplit("/", 1)[-1] for p in paths)
+    assert names == ["pr_curve.png", "precision_at_n.png", "precision_radius.png"]
+    for path in paths:
+        with open(path, "rb") as handle:
+            assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == names     # no temp files left
+
+
+def test_lookup_handles_64_bit_codes():
+    # Bit 63 is the int64 sign bit of the packed key: codes differing there must still be found.
+    rng = np.random.default_rng(4)
+    hq = rng.choice([-1.0, 1.0], (3, 64))
+    hd = np.repeat(hq, 3, axis=0)
+    hd[1::3, 63] *= -1                                      # distance 1, through the sign bit
+    hd[2::3, [0, 63]] *= -1                                 # distance 2
+    ld, lq = np.repeat(np.eye(3), 3, axis=0), np.eye(3)
+    for radius in (0, 1, 2):
+        want = ref_map_at_radius(hd, ld, hq, lq, radius, "deephash")
+        for method in ("lookup", "matmul"):
+            with ball_method(method):
+                got = metrics.map_at_radius(hd, ld, hq, lq, radius, device="cpu")
+            assert got["precision"] == want["precision"] == 1.0
+            assert close(got["recall"], (radius + 1) / 3)
