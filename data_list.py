@@ -251,11 +251,11 @@ def _seed_worker(worker_id):
     random.seed(seed)
 
 
-def train_transform(resize_size=256, crop_size=224):
-    """Resize to a square, random resized crop, horizontal flip, ImageNet normalisation."""
+def train_transform(resize_size=256, crop_size=224, crop_scale=0.08):
+    """Resize to a square, random resized crop (area fraction crop_scale..1), flip, ImageNet normalisation."""
     return transforms.Compose([
         transforms.Resize((resize_size, resize_size)),
-        transforms.RandomResizedCrop(crop_size),
+        transforms.RandomResizedCrop(crop_size, scale=(crop_scale, 1.0)),
         transforms.RandomHorizontalFlip(),
         transforms.ToTensor(),
         transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),

@@ -82,6 +82,9 @@ def build_parser():
                             "quantization loss, as released; DHN: plain tanh")
     model.add_argument("--resize_size", type=int, default=256, help="images are resized to this square")
     model.add_argument("--crop_size", type=int, default=224, help="then cropped to this square")
+    model.add_argument("--crop_scale", type=float, default=0.08,
+                       help="smallest area fraction of the training random resized crop (default 0.08, "
+                            "torchvision's and HashNet's; 1.0 keeps the whole image)")
 
     objective = parser.add_argument_group("loss")
     objective.add_argument("--distance_type", default="MMHH", choices=["MMHH", "MMHH_paper", "DCH", "HashNet", "Hamming"],
@@ -171,7 +174,8 @@ def main(argv=None):
     run = build_run(args, source, train_labels, device)
     start = restore_run(run, resumed) if resumed else initialise_run(run, args, train_paths, train_labels)
     train_set = data_list.ImageList(train_paths, train_labels,
-                                    data_list.train_transform(args.resize_size, args.crop_size))
+                                    data_list.train_transform(args.resize_size, args.crop_size,
+                                                              args.crop_scale))
     loader = data_list.training_loader(train_set, args.batch_size, args.workers, args.seed, start)
     if resumed:
         # After the loader is built: the snapshot's generator state is the one its iteration saw.
@@ -208,6 +212,8 @@ def finish_args(args):
     for flag in ("num_iters", "batch_size", "hash_bit", "snapshot_interval", "decay_step", "print_every"):
         if getattr(args, flag) <= 0:
             raise UsageError(f"--{flag.replace('snapshot_interval', 'snapshot-interval')} must be positive")
+    if not 0.0 < args.crop_scale <= 1.0:
+        raise UsageError(f"--crop_scale {args.crop_scale}: the smallest crop area fraction, in (0, 1]")
     if not str(args.batch_params).isdigit():
         raise UsageError(f"--batch_params {args.batch_params!r}: the warm-up length, a whole number of iterations")
     loss.parse_margin_params(args.margin_params)  # fails early with the flag's name
