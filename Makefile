@@ -4,10 +4,10 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 FASHION_ROOT ?= /usr/share/datasets/fashion-mnist
-DEMO_ITERS := 600
+DEMO_ITERS := 700
 DEMO_FLAGS := --s_dataset fashion_mnist --annotation demo --image_network ResNetFc --backbone ResNet18 \
 	--pretrained none --resize_size 28 --crop_size 28 --crop_scale 1.0 --hash_bit 48 --batch_size 48 \
-	--num_iters $(DEMO_ITERS) --lr 0.01 --decay_step 200 --weight_decay 5e-4 --gamma 10 --loss_lambda 0.001 \
+	--num_iters $(DEMO_ITERS) --lr 0.01 --decay_step 300 --weight_decay 5e-4 --gamma 10 --loss_lambda 0.001 \
 	--radius 2 --workers 0 --gpu_id cpu --print_every 50 --test_sample_ratio 0.1
 
 .PHONY: setup test demo bench clean-venv
@@ -26,7 +26,7 @@ test: setup
 demo: setup data/fashion_mnist/train.txt
 	$(PY) train_mmhh.py $(DEMO_FLAGS)
 	$(PY) test_mmhh.py --model_path snapshot/hash/demo_fashion_mnist_fashion_mnist_iter_$$(printf %05d $(DEMO_ITERS)) \
-		--dataset fashion_mnist --radius 2 --batch_size 256 --workers 2 --gpu_id cpu \
+		--dataset fashion_mnist --radius 2 --batch_size 256 --workers 0 --gpu_id cpu \
 		--annotation demo-test --output_path test_output/demo
 
 data/fashion_mnist/train.txt:
