@@ -24,8 +24,9 @@ class UsageError(CliError, ValueError):
 def run_cli(main, argv=None):
     """Run ``main(argv)``; expected failures print one line and an exit code, not a traceback.
 
-    Bad data, flags, snapshots and weights raise ValueError or RuntimeError subclasses with
-    messages written for the user; anything else is a bug and keeps its traceback.
+    Bad data, flags, snapshots and weights raise CliError or ValueError subclasses (DataError,
+    UsageError, PretrainedWeightsError) with messages written for the user; anything else is a bug
+    and keeps its traceback.
     """
     try:
         return main(argv)
