@@ -8,6 +8,7 @@ optional ``dataset.json`` (written by ``pre_process.py``) with its retrieval pre
 import json
 import os
 import random
+import signal
 from dataclasses import dataclass
 
 import numpy as np
@@ -245,6 +246,9 @@ def evaluation_loader(dataset, batch_size, workers):
 
 
 def _seed_worker(worker_id):
+    # Ctrl-C reaches the whole process group: workers ignore it, so the main process can finish
+    # its iteration and snapshot instead of finding its workers dead.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     # torch seeds each worker from the loader's generator; numpy and random follow it.
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)

@@ -99,8 +99,10 @@ def parse_args(argv):
                   "the database, as in HashNet). data_root is the absolute COCO root.")
     sub.add_argument("--root", required=True,
                      help="folder with annotations/instances_{train,val}2014.json, train2014/, val2014/")
-    sub.add_argument("--num_queries", type=non_negative_int, default=5000, help="(default: 5000)")
-    sub.add_argument("--num_train", type=non_negative_int, default=10000, help="(default: 10000)")
+    sub.add_argument("--num_queries", type=non_negative_int, default=5000,
+                     help="random images drawn as queries (default: 5000)")
+    sub.add_argument("--num_train", type=non_negative_int, default=10000,
+                     help="random database images drawn for training (default: 10000)")
 
     sub = command("nuswide", build_nuswide, [data, seeded], "build 'nuswide_21' or 'nuswide_81'",
                   "NUS-WIDE as dataset 'nuswide_21' or 'nuswide_81'. Labels: the 21 most frequent "
@@ -115,7 +117,8 @@ def parse_args(argv):
     sub.add_argument("--root", required=True,
                      help="folder with ImageList/Imagelist.txt, Groundtruth/AllLabels/, "
                           "Concepts81.txt (or ConceptsList/Concepts81.txt) and images/")
-    sub.add_argument("--concepts", type=int, choices=(21, 81), required=True)
+    sub.add_argument("--concepts", type=int, choices=(21, 81), required=True,
+                     help="21: the 21 most frequent concepts (nuswide_21); 81: all (nuswide_81)")
     add_per_class_sizes(sub, "concept")
 
     sub = command("imagenet100", build_imagenet100, [data, seeded], "build 'imagenet_100' from ImageNet",
@@ -126,7 +129,8 @@ def parse_args(argv):
     sub.add_argument("--root", required=True, help="folder with train/<wnid>/ and val/<wnid>/")
     sub.add_argument("--classes", required=True,
                      help="file of the class wnids, one a line (the first word of each line)")
-    sub.add_argument("--train_per_class", type=non_negative_int, default=130, help="(default: 130)")
+    sub.add_argument("--train_per_class", type=non_negative_int, default=130,
+                     help="random train images a class drawn for training (default: 130)")
 
     sub = command("noise", build_noise, [data, seeded], "noisy-label copy NAME_noise<R> of a dataset",
                   "Noisy-label copy DATA_DIR/NAME_noise<R>: round(R*n) seeded training lines get "

@@ -105,10 +105,10 @@ def main(argv=None):
 def evaluate_model(model, spec, args, device, output_dir=None):
     """Encode ``spec``'s database and queries with ``model`` and score them; returns the metrics dict."""
     codes = {}
-    for split, name in (("database", "database"), ("test", "test")):
+    for split in ("database", "test"):
         dataset = evaluation_dataset(spec, split, args)
         loader = data_list.evaluation_loader(dataset, args.batch_size, args.workers)
-        codes[name] = encode(model, loader, device, description=f"encoding {split}")
+        codes[split] = encode(model, loader, device, description=f"encoding {split}")
     topk = args.topk if args.topk is not None else spec.topk
     return score_codes(*codes["database"], *codes["test"], args.radius, topk, args.opt_test, device,
                        output_dir)

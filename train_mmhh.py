@@ -262,10 +262,7 @@ def build_run(args, source, train_labels, device):
 def initialise_run(run, args, train_paths, train_labels):
     """A new run: optional weights from --pre_model_path, then the memory's first contents."""
     if args.pre_model_path:
-        snapshot = checkpoint.load_snapshot(args.pre_model_path)
-        checkpoint.check_network_matches(snapshot["args"], args.pre_model_path, image_network=args.image_network,
-                                         backbone=args.backbone, hash_bit=args.hash_bit)
-        run.model.load_state_dict(snapshot["model"])
+        run.model.load_state_dict(load_pre_model(args)["model"])
         log.info("initialised the weights from %s", args.pre_model_path)
     run.memory.set_labels(torch.as_tensor(train_labels, dtype=torch.float32))
     if args.batch_type == "PairBatch":
@@ -279,6 +276,14 @@ def initialise_run(run, args, train_paths, train_labels):
         codes, _ = network.encode(run.model, loader, run.device, description="initialising the memory")
         run.memory.initialize_codes(codes.to(run.device))
     return 0
+
+
+def load_pre_model(args):
+    """The --pre_model_path snapshot, checked to fit the network the flags describe."""
+    snapshot = checkpoint.load_snapshot(args.pre_model_path)
+    checkpoint.check_network_matches(snapshot["args"], args.pre_model_path, image_network=args.image_network,
+                                     backbone=args.backbone, hash_bit=args.hash_bit)
+    return snapshot
 
 
 def restore_run(run, snapshot):
@@ -395,9 +400,7 @@ def check_everything(args, source, target):
         paths, _ = data_list.verify_list_images(data_list.require_list(spec, split), spec.data_root)
         print(f"{split}: {spec.lists[split]}: {len(paths)} images, all open")
     if args.pre_model_path:
-        snapshot = checkpoint.load_snapshot(args.pre_model_path)
-        checkpoint.check_network_matches(snapshot["args"], args.pre_model_path, image_network=args.image_network,
-                                         backbone=args.backbone, hash_bit=args.hash_bit)
+        load_pre_model(args)
     network.build_network(args.image_network, args.hash_bit, backbone=args.backbone, pretrained=args.pretrained)
     resolve_similar_weight(args, source)
     print("check passed: lists, images, snapshots and flags are usable")
