@@ -473,6 +473,9 @@ def _curve_stats(data, budget):
     n_ball = torch.zeros(Q, K1, dtype=torch.int64)
     n_rel_ball = torch.zeros(Q, K1, dtype=torch.int64)
     ap = torch.zeros(Q, K1, dtype=torch.float64)
+    # The radius table of a few queries at a time: on the CPU, tables beyond a few MiB are fresh
+    # pages on every allocation, which costs more than the arithmetic on them.
+    table_cells = budget // _CURVE_BYTES_PER_CELL if dev.type == "cuda" else _CPU_TABLE_CELLS
     cost = N * _CURVE_BYTES_PER_PAIR + (n_rel_db + 1) * K1 * _CURVE_BYTES_PER_CELL
     for start, stop in _chunks_by_cost(cost, budget):
         c = stop - start
@@ -488,56 +491,67 @@ def _curve_stats(data, budget):
         q_ids = torch.arange(c, device=dev)
         n_ball[start:stop] = torch.bincount((q_ids[:, None] * K1 + d_s).flatten(),
                                             minlength=c * K1).view(c, K1).cumsum(1).cpu()
-        ap_c, n_rel_c = _radius_table_ap(d_s, rel_s, K1)
-        ap[start:stop] = ap_c.cpu()
-        n_rel_ball[start:stop] = n_rel_c.cpu()
+        for a, b in _chunks_by_cost(n_rel_db[start:stop] * K1, table_cells):
+            ap_c, n_rel_c = _radius_table_ap(d_s[a:b], rel_s[a:b], K1)
+            ap[start + a:start + b] = ap_c.cpu()
+            n_rel_ball[start + a:start + b] = n_rel_c.cpu()
     return {"n_ball": n_ball, "n_rel_ball": n_rel_ball, "n_rel_db": n_rel_db, "ap": ap}
 
 
+_CPU_TABLE_CELLS = 2**20        # cells of one radius table on the CPU (8 MiB per float64 table)
+
+
 def _radius_table_ap(d_s, rel_s, K1):
-    """AP and #relevant in the ball at every radius, from full rankings.
+    """AP and #relevant in the ball at every radius, from full rankings: (c, K1) each.
 
     d_s, rel_s: (c, N) distance and relevance of each query's database in rank order. For the j-th
     relevant item of a query and radius r, the AP term is A/M with A = #relevant and M = #items
-    ranked at or before it with distance <= r. M comes from a histogram over distance of the items
-    between consecutive relevant items (one bincount), cumulated over segments and over distance:
-    O(N + #relevant * K) per query instead of O(N * K).
+    ranked at or before it with distance <= r. Both are running counts over the ranking, summed over
+    distance; the tables are laid out (radius, relevant item) so that every running sum is along
+    contiguous memory: O(N + #relevant * K) per query instead of O(N * K). Counts are held in
+    float64, exact below 2^53, so that no step converts between types.
     """
     c, _ = d_s.shape
-    dev = d_s.device
+    dev, f64 = d_s.device, torch.float64
     rel_i = rel_s.to(torch.int64)
     n_rel = rel_i.sum(1)                                        # (c,)
-    seg = rel_i.cumsum(1) - rel_i                               # (c, N) #relevant ranked strictly before
-    rows = n_rel + 1                                            # segments per query (last: the tail)
-    row_off = rows.cumsum(0) - rows                             # (c,)
-    cells = ((row_off[:, None] + seg) * K1 + d_s).flatten()
-    del seg
-    hist = torch.bincount(cells, minlength=int(rows.sum()) * K1).view(-1, K1)   # (rows, K1)
-    del cells
-    hist.cumsum_(0)                                             # running over all rows of the chunk
-    before = torch.zeros(c, K1, dtype=torch.int64, device=dev)  # running total at the previous query's end
-    before[1:] = hist[(row_off + rows - 1)[:-1]]
-    total_rel = int(n_rel.sum())
-    q_of_rel = torch.repeat_interleave(torch.arange(c, device=dev), n_rel)      # (T,)
-    # Row of the j-th relevant item overall = j + its query's number (each query adds a tail row).
-    at_rel = hist[torch.arange(total_rel, device=dev) + q_of_rel]               # (T, K1)
-    del hist
-    at_rel -= before[q_of_rel]
-    at_rel.cumsum_(1)                                           # M: items ranked <= j with distance <= r
-    d_rel = d_s[rel_s]                                          # (T,) rank order within each query
-    radii = torch.arange(K1, device=dev)
-    within = d_rel[:, None] <= radii                            # (T, K1) relevant item j is in ball r
-    # A: relevant items ranked <= j with distance <= r = running count of `within`, reset per query.
-    hits = within.cumsum(0, dtype=torch.int64)                  # (T, K1)
-    rel_off = n_rel.cumsum(0) - n_rel
-    base = torch.zeros(c, K1, dtype=torch.int64, device=dev)
-    nonempty = n_rel > 0
-    base[nonempty] = hits[rel_off[nonempty]] - within[rel_off[nonempty]].to(torch.int64)
-    hits -= base[q_of_rel]
-    terms = torch.where(within, hits.to(torch.float64) / at_rel.clamp(min=1), 0.0)   # (T, K1) P@k * rel_k
-    num = torch.zeros(c, K1, dtype=torch.float64, device=dev).index_add_(0, q_of_rel, terms)
+    first = n_rel.cumsum(0) - n_rel                             # (c,) column of each query's first relevant item
+    T = int(n_rel.sum())                                        # table columns: relevant items, query by query
+    q_of_rel = torch.repeat_interleave(torch.arange(c, device=dev), n_rel)   # (T,)
+    d_rel = d_s[rel_s]                                          # (T,) in rank order within each query
     n_rel_ball = torch.bincount(q_of_rel * K1 + d_rel, minlength=c * K1).view(c, K1).cumsum(1)
-    ap = torch.where(n_rel_ball > 0, num / n_rel_ball.clamp(min=1), 0.0)
+
+    # M. Each item ranked before the query's last relevant item is counted in the column of the
+    # next relevant item at or after it (its segment) and the row of its distance; items after
+    # the last relevant one go to a spare cell. Running sums along the columns then count items
+    # ranked at or before each relevant item, and along the rows, items within each radius.
+    segment = rel_i.cumsum(1) - rel_i                           # (c, N) relevant items ranked strictly before
+    counted = segment < n_rel[:, None]
+    spare = K1 * T
+    cells = torch.where(counted, d_s * T + first[:, None] + segment, spare)
+    del segment
+    ones = torch.ones(cells.numel(), dtype=f64, device=dev)
+    m = torch.bincount(cells.flatten(), weights=ones, minlength=spare + 1)[:-1].view(K1, T)
+    del cells, ones
+    q_ids = torch.arange(c, device=dev)[:, None]
+    counted_by_dist = torch.bincount(torch.where(counted, q_ids * K1 + d_s, c * K1).flatten(),
+                                     minlength=c * K1 + 1)[:-1].view(c, K1)
+    # The running sums cross from one query to the next; each query's first column takes back
+    # what the previous query counted, so the sums restart at every query.
+    next_first = first[1:]
+    has_next = next_first < T
+    m.index_add_(1, next_first[has_next], -counted_by_dist[:-1][has_next].T.to(f64))
+    m.cumsum_(1)
+    m.cumsum_(0)                                                # (K1, T) M
+
+    # A: relevant items ranked at or before, within radius; restarted per query the same way.
+    within = (d_rel <= torch.arange(K1, device=dev)[:, None]).to(f64)   # (K1, T) item j in ball r
+    terms = within.clone()
+    terms.index_add_(1, next_first[has_next], -n_rel_ball[:-1][has_next].T.to(f64))
+    terms.cumsum_(1)                                            # (K1, T) A
+    terms.mul_(within).div_(m.clamp_(min=1))                    # P@k * rel_k
+    num = torch.zeros(K1, c, dtype=f64, device=dev).index_add_(1, q_of_rel, terms)
+    ap = torch.where(n_rel_ball > 0, num.T / n_rel_ball.clamp(min=1), 0.0)
     return ap, n_rel_ball
 
 

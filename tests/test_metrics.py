@@ -178,16 +178,44 @@ def test_map_at_topk_matches_reference(problem, data):
 
 
 @FAST
-@given(problems(), st.sampled_from(["deephash", "mmhh"]), st.sampled_from([None, 64]))
-def test_curves_match_reference_at_every_radius(problem, convention, memory):
+@given(problems(), st.sampled_from(["deephash", "mmhh"]), st.sampled_from([None, 64]),
+       st.sampled_from([None, 1, 30]))
+def test_curves_match_reference_at_every_radius(problem, convention, memory, table_cells):
     hd, ld, hq, lq = problem
-    curve = metrics.precision_recall_by_radius(hd, ld, hq, lq, convention, device="cpu",
-                                               memory_bytes=memory)
+    # table_cells 1: a radius table per query; 30: a few queries per table, as at full scale.
+    saved = metrics._CPU_TABLE_CELLS
+    metrics._CPU_TABLE_CELLS = table_cells or saved
+    try:
+        curve = metrics.precision_recall_by_radius(hd, ld, hq, lq, convention, device="cpu",
+                                                   memory_bytes=memory)
+    finally:
+        metrics._CPU_TABLE_CELLS = saved
     assert curve["radius"] == list(range(hd.shape[1] + 1))
     for r in curve["radius"]:
         want = ref_map_at_radius(hd, ld, hq, lq, r, convention)
         for key in ("map", "precision", "recall", "empty_fraction"):
             assert close(curve[key][r], want[key]), (r, key, curve[key][r], want[key])
+
+
+@pytest.mark.parametrize("table_cells", [1, 200, None])
+def test_curves_restart_per_query_in_a_shared_table(table_cells):
+    # Queries with no relevant item at the start, middle and end of a table: the running counts
+    # must restart at each query whatever the grouping.
+    rng = np.random.default_rng(7)
+    hd = rng.integers(-4, 5, (300, 8)) / 4.0
+    hq = rng.integers(-4, 5, (12, 8)) / 4.0
+    ld = np.eye(3, dtype=np.int64)[rng.integers(0, 3, 300)]
+    lq = np.eye(3, dtype=np.int64)[rng.integers(0, 3, 12)]
+    lq[[0, 5, 6, 11]] = 0
+    saved = metrics._CPU_TABLE_CELLS
+    metrics._CPU_TABLE_CELLS = table_cells or saved
+    try:
+        curve = metrics.precision_recall_by_radius(hd, ld, hq, lq, "deephash", device="cpu")
+    finally:
+        metrics._CPU_TABLE_CELLS = saved
+    for r in curve["radius"]:
+        want = ref_map_at_radius(hd, ld, hq, lq, r, "deephash")
+        assert close(curve["map"][r], want["map"]) and close(curve["recall"][r], want["recall"])
 
 
 @FAST
