@@ -96,7 +96,7 @@ def precision_recall_by_radius(database_codes, database_labels, query_codes, que
     """
     _check_choice("convention", convention, RADIUS_CONVENTIONS)
     data = _prepare(database_codes, database_labels, query_codes, query_labels, device)
-    stats = _curve_stats(data, _budget(memory_bytes))
+    stats, _ = _curve_stats(data, _budget(memory_bytes))
     summary = _summarise_ball(stats, convention)
     curves = {key: [float(v) for v in values] for key, values in summary.items()}
     return {"radius": list(range(data.K + 1)), **curves, "convention": convention}
@@ -133,14 +133,14 @@ def evaluate_retrieval(database_codes, database_labels, query_codes, query_label
     top_r = _check_topk(topk, data.N)
     budget = _budget(memory_bytes)
 
-    curve = _curve_stats(data, budget)
+    # One full ranking per query serves the curves and the continuous top R.
+    curve, (ap, n_rel, pn) = _curve_stats(data, budget, top_r)
     curve_deephash, curve_mmhh = _summarise_ball(curve, "deephash"), _summarise_ball(curve, "mmhh")
     # The figures at `radius` are the curves' column (a radius above K is a ball of the whole
     # database, column K), so metrics.json can never disagree with itself.
     column = min(radius, data.K)
     ball = {key: value[:, column] if value.dim() == 2 else value for key, value in curve.items()}
     deephash, mmhh = _summarise_ball(ball, "deephash"), _summarise_ball(ball, "mmhh")
-    ap, n_rel, pn = _topk_stats(data, top_r, False, budget, want_pn=True)
     ap_sign, n_rel_sign, _ = _topk_stats(data, top_r, True, budget, want_pn=False)
 
     def floats(values):
@@ -453,21 +453,35 @@ def _topk_stats(data, top_r, use_sign, budget, want_pn):
             del scores
         rel_u, _ = _relevance(data, start, stop)
         rel = rel_u.gather(1, data.inv[top])                    # (c, R)
-        hits = rel.to(torch.int64).cumsum(1)                    # (c, R) #relevant in the top n
-        n = hits[:, -1]
-        terms = torch.where(rel, hits / positions, 0.0)         # P@n * rel_n
-        ap[start:stop] = torch.where(n > 0, terms.sum(1) / n.clamp(min=1), 0.0).cpu()
-        n_rel[start:stop] = n.cpu()
+        ap_c, n_c, hits = _ranked_ap(rel, positions)
+        ap[start:stop], n_rel[start:stop] = ap_c.cpu(), n_c.cpu()
         if want_pn:
             hits_at += hits.sum(0)
     pn = (hits_at.to(torch.float64) / positions / Q).cpu() if want_pn else None
     return ap, n_rel, pn
 
 
-def _curve_stats(data, budget):
-    """Like _ball_stats, with a column per radius 0..K: (Q, K+1) tensors, n_rel_db (Q,)."""
+def _ranked_ap(rel, positions):
+    """AP and #relevant of each row of a ranked (c, R) relevance matrix, and its running #relevant."""
+    hits = rel.to(torch.int64).cumsum(1)                        # (c, R) #relevant in the top n
+    n = hits[:, -1]
+    terms = torch.where(rel, hits / positions, 0.0)             # P@n * rel_n
+    return torch.where(n > 0, terms.sum(1) / n.clamp(min=1), 0.0), n, hits
+
+
+def _curve_stats(data, budget, top_r=None):
+    """Like _ball_stats, with a column per radius 0..K: (Q, K+1) tensors, n_rel_db (Q,).
+
+    With ``top_r``, also _topk_stats's (AP, #relevant, precision@N) of the continuous top R, read off
+    the same ranking; else None.
+    """
     Q, N, K, dev = data.Q, data.N, data.K, data.device
     K1 = K + 1
+    R = top_r or 0
+    topk_ap = torch.zeros(Q, dtype=torch.float64)
+    topk_n_rel = torch.zeros(Q, dtype=torch.int64)
+    hits_at = torch.zeros(R, dtype=torch.int64, device=dev)    # sum over queries of #rel in top n
+    positions = torch.arange(1, R + 1, device=dev, dtype=torch.float64)
     n_rel_db = torch.cat([_relevance(data, a, b)[1].cpu()
                           for a, b in _chunks_by_cost(torch.full((Q,), data.lab_u.shape[0] * 16), budget)])
     n_ball = torch.zeros(Q, K1, dtype=torch.int64)
@@ -476,7 +490,7 @@ def _curve_stats(data, budget):
     # The radius table of a few queries at a time: on the CPU, tables beyond a few MiB are fresh
     # pages on every allocation, which costs more than the arithmetic on them.
     table_cells = budget // _CURVE_BYTES_PER_CELL if dev.type == "cuda" else _CPU_TABLE_CELLS
-    cost = N * _CURVE_BYTES_PER_PAIR + (n_rel_db + 1) * K1 * _CURVE_BYTES_PER_CELL
+    cost = N * _CURVE_BYTES_PER_PAIR + (n_rel_db + 1) * K1 * _CURVE_BYTES_PER_CELL + R * _TOPK_BYTES_PER_HIT
     for start, stop in _chunks_by_cost(cost, budget):
         c = stop - start
         scores = data.hq[start:stop] @ data.hd.T                # (c, N)
@@ -488,6 +502,11 @@ def _curve_stats(data, budget):
         rel_u, _ = _relevance(data, start, stop)
         rel_s = rel_u.gather(1, data.inv[perm])                 # (c, N) relevance in rank order
         del perm
+        if R:
+            ap_c, n_c, hits = _ranked_ap(rel_s[:, :R], positions)
+            topk_ap[start:stop], topk_n_rel[start:stop] = ap_c.cpu(), n_c.cpu()
+            hits_at += hits.sum(0)
+            del hits
         q_ids = torch.arange(c, device=dev)
         n_ball[start:stop] = torch.bincount((q_ids[:, None] * K1 + d_s).flatten(),
                                             minlength=c * K1).view(c, K1).cumsum(1).cpu()
@@ -495,7 +514,9 @@ def _curve_stats(data, budget):
             ap_c, n_rel_c = _radius_table_ap(d_s[a:b], rel_s[a:b], K1)
             ap[start + a:start + b] = ap_c.cpu()
             n_rel_ball[start + a:start + b] = n_rel_c.cpu()
-    return {"n_ball": n_ball, "n_rel_ball": n_rel_ball, "n_rel_db": n_rel_db, "ap": ap}
+    stats = {"n_ball": n_ball, "n_rel_ball": n_rel_ball, "n_rel_db": n_rel_db, "ap": ap}
+    topk = (topk_ap, topk_n_rel, (hits_at.to(torch.float64) / positions / Q).cpu()) if R else None
+    return stats, topk
 
 
 _CPU_TABLE_CELLS = 2**20        # cells of one radius table on the CPU (8 MiB per float64 table)

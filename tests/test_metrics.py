@@ -197,6 +197,24 @@ def test_curves_match_reference_at_every_radius(problem, convention, memory, tab
             assert close(curve[key][r], want[key]), (r, key, curve[key][r], want[key])
 
 
+@FAST
+@given(problems(), st.data())
+def test_evaluate_retrieval_matches_reference(problem, data):
+    # evaluate_retrieval reads the continuous top R off the curves' ranking: check it on its own.
+    hd, ld, hq, lq = problem
+    top_r = data.draw(st.integers(1, hd.shape[0]))
+    radius = data.draw(st.integers(0, hd.shape[1]))
+    memory = data.draw(st.sampled_from([None, 64]))
+    got = metrics.evaluate_retrieval(hd, ld, hq, lq, radius, top_r, device="cpu", memory_bytes=memory)
+    assert close(got["map_topk"], ref_map_at_topk(hd, ld, hq, lq, top_r, False, "hashnet"))
+    assert close(got["map_topk_mmhh"], ref_map_at_topk(hd, ld, hq, lq, top_r, False, "mmhh"))
+    assert close(got["map_topk_sign"], ref_map_at_topk(hd, ld, hq, lq, top_r, True, "hashnet"))
+    want_pn = ref_precision_at_n(hd, ld, hq, lq, top_r)
+    assert all(close(g, w) for g, w in zip(got["curves"]["precision_at_n"], want_pn, strict=True))
+    for convention, key in (("deephash", "map_radius_deephash"), ("mmhh", "map_radius_mmhh")):
+        assert close(got[key], ref_map_at_radius(hd, ld, hq, lq, radius, convention)["map"])
+
+
 @pytest.mark.parametrize("table_cells", [1, 200, None])
 def test_curves_restart_per_query_in_a_shared_table(table_cells):
     # Queries with no relevant item at the start, middle and end of a table: the running counts
