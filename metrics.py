@@ -489,7 +489,7 @@ def _curve_stats(data, budget, top_r=None):
     ap = torch.zeros(Q, K1, dtype=torch.float64)
     # The radius table of a few queries at a time: on the CPU, tables beyond a few MiB are fresh
     # pages on every allocation, which costs more than the arithmetic on them.
-    table_cells = budget // _CURVE_BYTES_PER_CELL if dev.type == "cuda" else _CPU_TABLE_CELLS
+    table_cells = _CPU_TABLE_CELLS if dev.type == "cpu" else budget // _CURVE_BYTES_PER_CELL
     cost = N * _CURVE_BYTES_PER_PAIR + (n_rel_db + 1) * K1 * _CURVE_BYTES_PER_CELL + R * _TOPK_BYTES_PER_HIT
     for start, stop in _chunks_by_cost(cost, budget):
         c = stop - start

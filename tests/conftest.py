@@ -3,6 +3,7 @@ import os
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 # Base colours of the tiny dataset's classes: distinct enough that a few iterations learn them.
@@ -26,6 +27,11 @@ def write_tiny_dataset(data_dir, name="tiny", classes=3, sizes=(8, 3, 6), image_
         with open(os.path.join(folder, f"{split}.txt"), "w") as handle:
             handle.write("\n".join(lines) + "\n")
     return folder
+
+
+# --gpu_id values to run end-to-end tests on: the CPU always, the first GPU where there is one.
+GPU_IDS = ["cpu", pytest.param("0", id="cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                        reason="needs CUDA"))]
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import torchvision
 
 import test_mmhh
 import train_mmhh
-from conftest import tiny_train_flags, write_tiny_dataset
+from conftest import GPU_IDS, tiny_train_flags, write_tiny_dataset
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -64,11 +64,14 @@ def test_model_initialisation_encodes_the_training_set(tmp_path, tiny_data):
     assert not torch.equal(state["memory"]["codes"][0], state["memory"]["codes"][1])
 
 
-def test_snapshot_reloads_to_identical_codes(tmp_path, tiny_data):
-    assert train_mmhh.main(tiny_train_flags(tmp_path, tiny_data)) == 0
+@pytest.mark.parametrize("gpu_id", GPU_IDS)
+def test_snapshot_reloads_to_identical_codes(tmp_path, tiny_data, gpu_id):
+    # SemiMem keeps the memory on the device too.
+    flags = tiny_train_flags(tmp_path, tiny_data, "--gpu_id", gpu_id, "--batch_type", "SemiMem")
+    assert train_mmhh.main(flags) == 0
     out = tmp_path / "reloaded"
     assert test_mmhh.main(["--model_path", str(snapshot(tmp_path)), "--data_dir", str(tiny_data),
-                           "--output_path", str(out), "--gpu_id", "cpu", "--workers", "0", "--batch_size", "8",
+                           "--output_path", str(out), "--gpu_id", gpu_id, "--workers", "0", "--batch_size", "8",
                            "--log_dir", str(tmp_path / "log")]) == 0
     # The same batches as training's final evaluation, so the same kernels: bit-identical codes.
     trained = tmp_path / "test_output" / "t_iter_00020"
