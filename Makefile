@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 FASHION_ROOT ?= /usr/share/datasets/fashion-mnist
-DEMO_ITERS := 750
+DEMO_ITERS := 800
 DEMO_FLAGS := --s_dataset fashion_mnist --annotation demo --image_network ResNetFc --backbone ResNet18 \
 	--pretrained none --resize_size 28 --crop_size 28 --crop_scale 1.0 --hash_bit 48 --batch_size 48 \
 	--num_iters $(DEMO_ITERS) --lr 0.01 --decay_step 300 --weight_decay 5e-4 --gamma 10 --loss_lambda 0.001 \

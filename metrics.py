@@ -544,8 +544,9 @@ def _radius_table_ap(d_s, rel_s, K1):
 
     # M. Each item ranked before the query's last relevant item is counted in the column of the
     # next relevant item at or after it (its segment) and the row of its distance; items after
-    # the last relevant one go to a spare cell. Running sums along the columns then count items
-    # ranked at or before each relevant item, and along the rows, items within each radius.
+    # the last relevant one go to a spare cell. A running sum across the columns (over the ranking)
+    # then counts the items ranked at or before each relevant item, and one down the rows (over
+    # distance) those within each radius.
     segment = rel_i.cumsum(1) - rel_i                           # (c, N) relevant items ranked strictly before
     counted = segment < n_rel[:, None]
     spare = K1 * T
