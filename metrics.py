@@ -285,6 +285,17 @@ def _budget(memory_bytes):
     return int(memory_bytes)
 
 
+def _batch_budget(budget, device):
+    """Working memory of one batch of members or table cells: the budget, capped on the CPU."""
+    return min(budget, _CPU_BATCH_BYTES) if device.type == "cpu" else budget
+
+
+# On the CPU a temporary tensor beyond a few tens of MiB gets fresh pages from the system at every
+# allocation, which costs more than the arithmetic on it; batches below this size reuse memory.
+# Measured on 2 cores: the ball 1.3-1.7x faster than with 512 MiB batches, the radius tables 3x.
+_CPU_BATCH_BYTES = 32 * 2**20
+
+
 def _unique_label_rows(labels):
     """(inverse (N,), distinct rows (U, C) float32, their counts (U,) float64) of a 0/1 matrix."""
     n, c = labels.shape
@@ -324,6 +335,7 @@ def _ball_stats(data, radius, budget):
     n_rel_ball = torch.zeros(Q, dtype=torch.int64)
     n_rel_db = torch.zeros(Q, dtype=torch.int64)
     ap = torch.zeros(Q, dtype=torch.float64)
+    budget = _batch_budget(budget, data.device)
     members = _ball_members_lookup if _ball_method(data, radius) == "lookup" else _ball_members_matmul
     for start, stop, qi, xi in members(data, radius, budget):
         # qi, xi: (M,) members of queries [start, stop) in (query, database index) order.
@@ -487,9 +499,7 @@ def _curve_stats(data, budget, top_r=None):
     n_ball = torch.zeros(Q, K1, dtype=torch.int64)
     n_rel_ball = torch.zeros(Q, K1, dtype=torch.int64)
     ap = torch.zeros(Q, K1, dtype=torch.float64)
-    # The radius table of a few queries at a time: on the CPU, tables beyond a few MiB are fresh
-    # pages on every allocation, which costs more than the arithmetic on them.
-    table_cells = _CPU_TABLE_CELLS if dev.type == "cpu" else budget // _CURVE_BYTES_PER_CELL
+    table_cells = _batch_budget(budget, dev) // _CURVE_BYTES_PER_CELL   # radius tables: a few queries each
     cost = N * _CURVE_BYTES_PER_PAIR + (n_rel_db + 1) * K1 * _CURVE_BYTES_PER_CELL + R * _TOPK_BYTES_PER_HIT
     for start, stop in _chunks_by_cost(cost, budget):
         c = stop - start
@@ -517,9 +527,6 @@ def _curve_stats(data, budget, top_r=None):
     stats = {"n_ball": n_ball, "n_rel_ball": n_rel_ball, "n_rel_db": n_rel_db, "ap": ap}
     topk = (topk_ap, topk_n_rel, (hits_at.to(torch.float64) / positions / Q).cpu()) if R else None
     return stats, topk
-
-
-_CPU_TABLE_CELLS = 2**20        # cells of one radius table on the CPU (8 MiB per float64 table)
 
 
 def _radius_table_ap(d_s, rel_s, K1):
