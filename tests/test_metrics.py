@@ -137,6 +137,18 @@ def ball_method(method):
         metrics._FORCE_BALL_METHOD = saved
 
 
+@contextlib.contextmanager
+def radius_table_cells(cells):
+    """Cap the CPU's radius tables at about ``cells`` cells (None: the default cap)."""
+    saved = metrics._CPU_BATCH_BYTES
+    if cells:
+        metrics._CPU_BATCH_BYTES = cells * metrics._CURVE_BYTES_PER_CELL
+    try:
+        yield
+    finally:
+        metrics._CPU_BATCH_BYTES = saved
+
+
 # ----------------------------------------------------------------------------------------------
 # Property tests against the reference
 # ----------------------------------------------------------------------------------------------
@@ -183,13 +195,9 @@ def test_map_at_topk_matches_reference(problem, data):
 def test_curves_match_reference_at_every_radius(problem, convention, memory, table_cells):
     hd, ld, hq, lq = problem
     # table_cells 1: a radius table per query; 30: a few queries per table, as at full scale.
-    saved = metrics._CPU_BATCH_BYTES
-    metrics._CPU_BATCH_BYTES = table_cells * metrics._CURVE_BYTES_PER_CELL if table_cells else saved
-    try:
+    with radius_table_cells(table_cells):
         curve = metrics.precision_recall_by_radius(hd, ld, hq, lq, convention, device="cpu",
                                                    memory_bytes=memory)
-    finally:
-        metrics._CPU_BATCH_BYTES = saved
     assert curve["radius"] == list(range(hd.shape[1] + 1))
     for r in curve["radius"]:
         want = ref_map_at_radius(hd, ld, hq, lq, r, convention)
@@ -225,12 +233,8 @@ def test_curves_restart_per_query_in_a_shared_table(table_cells):
     ld = np.eye(3, dtype=np.int64)[rng.integers(0, 3, 300)]
     lq = np.eye(3, dtype=np.int64)[rng.integers(0, 3, 12)]
     lq[[0, 5, 6, 11]] = 0
-    saved = metrics._CPU_BATCH_BYTES
-    metrics._CPU_BATCH_BYTES = table_cells * metrics._CURVE_BYTES_PER_CELL if table_cells else saved
-    try:
+    with radius_table_cells(table_cells):
         curve = metrics.precision_recall_by_radius(hd, ld, hq, lq, "deephash", device="cpu")
-    finally:
-        metrics._CPU_BATCH_BYTES = saved
     for r in curve["radius"]:
         want = ref_map_at_radius(hd, ld, hq, lq, r, "deephash")
         assert close(curve["map"][r], want["map"]) and close(curve["recall"][r], want["recall"])
