@@ -28,6 +28,8 @@ PRESETS = {
     "cifar10": {"topk": -1, "similar_weight": 1.0},
     "fashion_mnist": {"topk": -1, "similar_weight": 1.0},
 }
+# Any other list: rank the whole database, weigh similar and dissimilar pairs alike.
+DEFAULT_PRESET = {"topk": -1, "similar_weight": 1.0}
 
 # How to build each known dataset's lists; shown when they are missing.
 BUILD_COMMANDS = {
@@ -56,23 +58,30 @@ class DatasetSpec:
     topk: int              # R of MAP@TopK; -1 means the whole database
     similar_weight: float  # the similar-pair weight preset
     folder: str
+    presets_from: str      # "dataset.json", "preset" (a known name) or "default" (neither)
 
 
 def resolve_dataset(name, data_dir="data", train_list=None, test_list=None, database_list=None,
-                    data_root=None):
-    """The dataset called ``name``: its folder's lists and presets, with any part overridden."""
+                    data_root=None, needs=SPLITS):
+    """The dataset called ``name``: its folder's lists and presets, with any list overridden.
+
+    A name with no folder and no preset is fine when every split in ``needs`` is given as a list;
+    its R is then the whole database and its similar-pair weight 1 (``presets_from == "default"``).
+    """
     folder = os.path.join(data_dir, name)
     overrides = {"train": train_list, "test": test_list, "database": database_list}
-    info = dict(PRESETS.get(name, {"topk": -1, "similar_weight": 1.0}))
+    info = dict(PRESETS.get(name, DEFAULT_PRESET))
+    presets_from = "preset" if name in PRESETS else "default"
     info_path = os.path.join(folder, "dataset.json")
     if os.path.isfile(info_path):
         info.update(_read_dataset_json(info_path, folder))
-    elif name not in PRESETS and not os.path.isdir(folder) and not all(overrides.values()):
-        raise DataError(unknown_dataset_message(name, data_dir))
+        presets_from = "dataset.json"
+    elif presets_from == "default" and not os.path.isdir(folder) and not all(overrides[s] for s in needs):
+        raise DataError(unknown_dataset_message(name, data_dir, needs))
     lists = {split: overrides[split] or os.path.join(folder, f"{split}.txt") for split in SPLITS}
     return DatasetSpec(name=name, lists=lists, data_root=data_root or info.get("data_root"),
                        topk=int(info["topk"]), similar_weight=float(info["similar_weight"]),
-                       folder=folder)
+                       folder=folder, presets_from=presets_from)
 
 
 def require_list(spec, split):
@@ -92,12 +101,13 @@ def available_datasets(data_dir="data"):
                   if any(os.path.isfile(os.path.join(data_dir, entry, f"{s}.txt")) for s in SPLITS))
 
 
-def unknown_dataset_message(name, data_dir):
+def unknown_dataset_message(name, data_dir, needs=SPLITS):
     built = ", ".join(available_datasets(data_dir)) or "none"
+    flags = "/".join(f"--{split}_list" for split in needs)
     return (f"unknown dataset '{name}': no folder {os.path.join(data_dir, name)}. "
             f"Built under {data_dir}/: {built}. Known names: {', '.join(PRESETS)}. "
             f"Build one with pre_process.py (e.g. `{BUILD_COMMANDS['fashion_mnist']}`), "
-            f"or pass --train_list/--test_list/--database_list.")
+            f"or pass {flags}.")
 
 
 def read_image_list(list_path, data_root=None):

@@ -1,4 +1,7 @@
-"""Pairwise hashing losses, quantization penalties and the semi-batch memory (SPEC §2–§4).
+"""Pairwise hashing losses, quantization penalties and the semi-batch memory.
+
+The losses follow the MMHH paper (Kang et al., ICCV 2019) and its release; DCH (Cao et al., CVPR 2018)
+and HashNet (Cao et al., ICCV 2017) are the baselines. The README lists where we differ from the release.
 
 Notation: `h` is a batch of network outputs (B, K) in (-1, 1), `h_other` its partner set (N, K) (the
 batch itself or the memory), `similarity` the (B, N) 0/1 matrix of pairs that share a label.
@@ -92,7 +95,7 @@ class HashingLoss:
 
 
 class SemiBatchMemory:
-    """Augmented memory (SPEC §4): one row of continuous outputs and one label row per training image.
+    """The paper's augmented memory (semi-batch optimisation): one row of outputs and labels per training image.
 
     `PairBatch` never uses it; `BatchInitMem` pairs in-batch and overwrites its rows (momentum 0) for the
     first `warmup_iters` iterations, then pairs the batch against the whole memory; `SemiMem` pairs against
@@ -193,7 +196,7 @@ def _check_shape(name: str, got: tuple, expected: tuple) -> None:
 
 def mmhh_pair_loss(h: Tensor, h_other: Tensor, similarity: Tensor, similar_weight: float | str, gamma: float,
                    margin: MarginParams | None) -> Tensor:
-    """MMHH as released (SPEC §3.1): weighted cross-entropy of p = α γ / (d + γ), mean over all B×N entries.
+    """MMHH as released: weighted cross-entropy of p = α γ / (d + γ), mean over all B×N entries.
 
     `margin=None` leaves the class weights without margin re-weighting.
     """
@@ -210,7 +213,7 @@ def mmhh_pair_loss(h: Tensor, h_other: Tensor, similarity: Tensor, similar_weigh
 
 def mmhh_paper_pair_loss(h: Tensor, h_other: Tensor, similarity: Tensor, similar_weight: float | str,
                          margin: float) -> Tensor:
-    """MMHH as restated from the paper (SPEC §3.2): hard margin ζ inside a t-distribution.
+    """MMHH as restated from the paper (reconstructed, see the README): hard margin ζ inside a t-distribution.
 
     Similar pairs pay log(1 + max(0, d − ζ)), dissimilar ones log(1 + 1 / max(ζ, d)); class-weighted,
     mean over all B×N entries as in the released form.

@@ -1,6 +1,8 @@
 """Hashing networks: an ImageNet backbone, a K-bit linear hash layer, and tanh."""
 import logging
 import math
+import os
+import re
 import time
 
 import torch
@@ -21,6 +23,12 @@ DEFAULT_BACKBONE = {"AlexNetFc": "AlexNet", "ResNetFc": "ResNet50", "VGGFc": "VG
 CONTINUATION_STEP = 200
 CONTINUATION_GAMMA = 0.005
 CONTINUATION_POWER = 0.5
+
+
+# --pretrained imagenet is what the release's pretrained=True loaded: the first ImageNet weights.
+PRETRAINED_ALIASES = {"imagenet": "IMAGENET1K_V1", "imagenet_v2": "IMAGENET1K_V2"}
+# A torchvision weights name (IMAGENET1K_V2, ResNet50_Weights.IMAGENET1K_V2), not a file name.
+WEIGHTS_NAME = re.compile(r"(\w+_Weights\.)?[A-Z0-9_]+|imagenet(_v2)?")
 
 
 class PretrainedWeightsError(ValueError):
@@ -77,27 +85,49 @@ def continuation_scale(iteration):
 
 
 def load_backbone(builder, backbone, pretrained):
-    """A torchvision model with ImageNet weights, weights from a local file, or none."""
+    """A torchvision model with ImageNet weights, weights from a local file, or none.
+
+    ``pretrained``: 'imagenet' (IMAGENET1K_V1, what the release's ``pretrained=True`` loaded),
+    'imagenet_v2', any torchvision weights name of the backbone (``IMAGENET1K_V2``,
+    ``ResNet50_Weights.IMAGENET1K_V2``), 'none', or the path of a state-dict file.
+    """
     if pretrained == "none":
         return builder(weights=None)
-    if pretrained == "imagenet":
-        try:
-            return builder(weights="DEFAULT")
-        except Exception as error:  # download failures surface as URLError, OSError, RuntimeError...
-            raise PretrainedWeightsError(
-                f"could not get torchvision's ImageNet weights for {backbone} ({type(error).__name__}: "
-                f"{error}). Download them on a machine with internet (torchvision caches them under "
-                f"~/.cache/torch/hub/checkpoints/), then pass --pretrained /path/to/weights.pth, "
-                f"or train from scratch with --pretrained none.") from None
+    if os.path.exists(pretrained) or not WEIGHTS_NAME.fullmatch(pretrained):
+        return _load_weights_file(builder, backbone, pretrained)
+    weights = torchvision_weights(builder, backbone, pretrained)
+    try:
+        return builder(weights=weights)
+    except Exception as error:  # download failures surface as URLError, OSError, RuntimeError...
+        cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
+        raise PretrainedWeightsError(
+            f"could not get torchvision's {weights} for {backbone} ({type(error).__name__}: {error}). "
+            f"torchvision looks for {cached}: download {weights.url} there on a machine with internet, "
+            f"or pass --pretrained /path/to/weights.pth, or train from scratch with --pretrained none.") from None
+
+
+def torchvision_weights(builder, backbone, pretrained):
+    """The torchvision weights that --pretrained names for this backbone."""
+    available = models.get_model_weights(builder)
+    name = PRETRAINED_ALIASES.get(pretrained, pretrained).split(".")[-1]
+    if name not in available.__members__:
+        raise PretrainedWeightsError(
+            f"--pretrained {pretrained}: {backbone} has no torchvision weights {name} and no file of that "
+            f"name exists; choose imagenet (IMAGENET1K_V1, as the release), "
+            f"{', '.join(available.__members__)}, none, or a local weights file")
+    return available[name]
+
+
+def _load_weights_file(builder, backbone, path):
     model = builder(weights=None)
     try:
-        state = torch.load(pretrained, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
         model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
     except FileNotFoundError:
-        raise PretrainedWeightsError(f"--pretrained {pretrained}: no such file") from None
+        raise PretrainedWeightsError(f"--pretrained {path}: no such file") from None
     except Exception as error:
         raise PretrainedWeightsError(
-            f"--pretrained {pretrained}: not a {backbone} state dict that torch.load(weights_only=True) "
+            f"--pretrained {path}: not a {backbone} state dict that torch.load(weights_only=True) "
             f"can read ({type(error).__name__}: {error})") from None
     return model
 

@@ -7,24 +7,16 @@ The original README's command, with our layout:
 Saved codes can be scored again without a model: ``python test_mmhh.py --codes_dir DIR``.
 """
 import argparse
-import json
 import logging
 import os
 import sys
 
-import numpy as np
-import torch
-
 import checkpoint
 import data_list
-import metrics
-import plots
-from network import encode
-from runtime import UsageError, atomic_write, run_cli, select_device, setup_logging, str2bool
+import evaluation
+from runtime import UsageError, run_cli, select_device, setup_logging, str2bool
 
 log = logging.getLogger("mmhh")
-
-CODE_FILES = ("database_code", "database_labels", "test_code", "test_labels")
 
 
 def parse_args(argv=None):
@@ -59,17 +51,8 @@ def parse_args(argv=None):
     ours.add_argument("--image_network", default=None, help="if given, must match the snapshot")
     ours.add_argument("--check", action="store_true",
                       help="validate the snapshot, lists and images, then exit without evaluating")
-    add_list_flags(ours)
+    evaluation.add_list_flags(ours)
     return parser.parse_args(argv)
-
-
-def add_list_flags(group):
-    """The list and data flags shared with train_mmhh.py."""
-    group.add_argument("--data_dir", default="data", help="folder of the dataset folders (default data)")
-    group.add_argument("--test_list", default=None, help="query list file (overrides the dataset's)")
-    group.add_argument("--database_list", default=None, help="database list file (overrides the dataset's)")
-    group.add_argument("--data_root", default=None,
-                       help="folder that relative image paths are relative to (default: each list's folder)")
 
 
 def main(argv=None):
@@ -77,10 +60,7 @@ def main(argv=None):
     setup_logging(args.log_dir, args.annotation)
     device = select_device(args.gpu_id)
     if args.codes_dir:
-        codes = load_codes(args.codes_dir)
-        topk = args.topk if args.topk is not None else -1
-        score_codes(*codes, args.radius, topk, args.opt_test, device, args.output_path)
-        return 0
+        return score_saved_codes(args, device)
     if not args.model_path:
         raise UsageError("give --model_path SNAPSHOT (or --codes_dir DIR to score saved codes)")
     snapshot = checkpoint.load_snapshot(args.model_path)
@@ -92,122 +72,29 @@ def main(argv=None):
     model = checkpoint.model_from_snapshot(snapshot).to(device)
     spec = data_list.resolve_dataset(args.dataset or trained["t_dataset"], args.data_dir,
                                      test_list=args.test_list, database_list=args.database_list,
-                                     data_root=args.data_root)
+                                     data_root=args.data_root, needs=("test", "database"))
+    evaluation.log_default_presets(spec, topk=args.topk)
     if args.check:
-        check_evaluation_data(spec)
+        evaluation.check_evaluation_data(spec)
         print(f"check passed: snapshot {args.model_path} ({trained['image_network']}, "
               f"{trained['hash_bit']} bits) and the lists of '{spec.name}' are usable")
         return 0
-    evaluate_model(model, spec, args, device, args.output_path)
+    evaluation.evaluate_model(model, spec, args, device, args.output_path)
     return 0
 
 
-def evaluate_model(model, spec, args, device, output_dir=None):
-    """Encode ``spec``'s database and queries with ``model`` and score them; returns the metrics dict."""
-    codes = {}
-    for split in ("database", "test"):
-        dataset = evaluation_dataset(spec, split, args)
-        loader = data_list.evaluation_loader(dataset, args.batch_size, args.workers)
-        codes[split] = encode(model, loader, device, description=f"encoding {split}")
-    topk = args.topk if args.topk is not None else spec.topk
-    return score_codes(*codes["database"], *codes["test"], args.radius, topk, args.opt_test, device,
-                       output_dir)
-
-
-def evaluation_dataset(spec, split, args):
-    """The images of one evaluation list, sampled by --test_sample_ratio (seeded)."""
-    paths, labels = data_list.read_checked_list(spec, split)
-    kept = data_list.sample_items(len(paths), args.test_sample_ratio, args.seed)
-    if len(kept) < len(paths):
-        log.info("%s: evaluating %d of %d items (--test_sample_ratio %g, seed %d)", split, len(kept),
-                 len(paths), args.test_sample_ratio, args.seed)
-    transform = data_list.test_transform(args.resize_size, args.crop_size)
-    return data_list.ImageList([paths[i] for i in kept], labels[kept], transform)
-
-
-def score_codes(database_codes, database_labels, query_codes, query_labels, radius, topk, opt_test,
-                device, output_dir=None):
-    """All retrieval metrics of the codes, logged as a table and saved when ``output_dir`` is given."""
-    if topk > len(database_codes):
-        log.info("R = %d exceeds the database's %d items: MAP@TopK ranks the whole database", topk,
-                 len(database_codes))
-        topk = -1
-    result = metrics.evaluate_retrieval(database_codes, database_labels, query_codes, query_labels,
-                                        radius=radius, topk=topk, device=device)
-    result["convention"] = "mmhh" if opt_test else "deephash"
-    result["headline"] = headline_metric(result, opt_test)
-    log_report(result)
-    if output_dir:
-        save_outputs(output_dir, result, database_codes, database_labels, query_codes, query_labels)
-    return result
-
-
-def headline_metric(result, opt_test):
-    """The run's one number: MAP@H<=r when r > 0 (as the release), else MAP@TopK."""
-    if result["radius"] > 0:
-        return result["map_radius_mmhh" if opt_test else "map_radius_deephash"]
-    return result["map_topk_mmhh" if opt_test else "map_topk"]
-
-
-def log_report(result):
-    r, topk = result["radius"], result["topk"]
-    rows = [
-        (f"MAP@H<={r} (deephash)", result["map_radius_deephash"]),
-        (f"MAP@H<={r} (mmhh)", result["map_radius_mmhh"]),
-        (f"P@H<={r}", result["precision_radius"]),
-        (f"R@H<={r}", result["recall_radius"]),
-        (f"empty balls (r={r})", result["empty_ball_fraction"]),
-        (f"MAP@{topk} (continuous)", result["map_topk"]),
-        (f"MAP@{topk} (sign codes)", result["map_topk_sign"]),
-        (f"MAP@{topk} (mmhh: misses count 0)", result["map_topk_mmhh"]),
-    ]
-    log.info("retrieval: %d queries x %d database items, %d bits", result["num_queries"],
-             result["num_database"], result["hash_bit"])
-    for name, value in rows:
-        log.info("  %-36s %.4f", name, value)
-    log.info("  headline (%s convention): %.4f", result["convention"], result["headline"])
-
-
-def save_outputs(output_dir, result, database_codes, database_labels, query_codes, query_labels):
-    """Codes and labels as .npy (continuous outputs, as released), metrics.json and the plots."""
-    arrays = dict(zip(CODE_FILES, (database_codes, database_labels, query_codes, query_labels)))
-    for name, array in arrays.items():
-        atomic_write(os.path.join(output_dir, f"{name}.npy"), lambda tmp, a=array: _save_npy(tmp, a))
-    atomic_write(os.path.join(output_dir, "metrics.json"),
-                 lambda tmp: _write_text(tmp, json.dumps(result, indent=1)))
-    written = plots.save_retrieval_plots(result, output_dir)
-    log.info("saved codes, labels, metrics.json and %d plots to %s", len(written), output_dir)
-
-
-def load_codes(codes_dir):
-    """The four arrays that ``save_outputs`` wrote."""
-    arrays = []
-    for name in CODE_FILES:
-        path = os.path.join(codes_dir, f"{name}.npy")
-        if not os.path.isfile(path):
-            raise UsageError(f"--codes_dir {codes_dir}: {name}.npy is missing; it needs "
-                             + ", ".join(f"{n}.npy" for n in CODE_FILES))
-        try:
-            arrays.append(torch.from_numpy(np.load(path, allow_pickle=False)))
-        except ValueError as error:
-            raise UsageError(f"{path} is not a plain numeric .npy array ({error})") from None
-    return arrays
-
-
-def check_evaluation_data(spec):
-    """Every list of the evaluation parses and every image opens."""
-    for split in ("test", "database"):
-        data_list.verify_list_images(data_list.require_list(spec, split), spec.data_root)
-
-
-def _save_npy(path, array):
-    with open(path, "wb") as handle:
-        np.save(handle, np.asarray(array))
-
-
-def _write_text(path, text):
-    with open(path, "w", encoding="utf-8") as handle:
-        handle.write(text)
+def score_saved_codes(args, device):
+    """--codes_dir: score saved codes with the R of --dataset, or of the dataset they were saved from."""
+    codes = evaluation.load_codes(args.codes_dir)
+    name = args.dataset or evaluation.saved_dataset_name(args.codes_dir)
+    topk = args.topk
+    if topk is None:
+        topk = data_list.resolve_dataset(name, args.data_dir, needs=()).topk if name else -1
+        log.info("R of MAP@TopK: %s (%s)", "the whole database" if topk < 0 else topk,
+                 f"dataset '{name}'" if name else "no --dataset given and none recorded in the codes' metrics.json")
+    evaluation.score_codes(*codes, args.radius, topk, args.opt_test, device, args.output_path,
+                           {"dataset": name})
+    return 0
 
 
 if __name__ == "__main__":

@@ -22,8 +22,8 @@ from tensorboardX import SummaryWriter
 import checkpoint
 import data_list
 import loss
+import evaluation
 import network
-import test_mmhh
 from runtime import CliError, UsageError, run_cli, seed_everything, select_device, setup_logging, str2bool
 
 log = logging.getLogger("mmhh")
@@ -75,7 +75,8 @@ def build_parser():
     model.add_argument("--backbone", default=None,
                        help="ResNet18/34/50/101/152 or VGG11..19[BN] (defaults ResNet50, VGG16)")
     model.add_argument("--pretrained", default="imagenet",
-                       help="'imagenet' (torchvision's weights), 'none' (from scratch) or a local weights file")
+                       help="'imagenet' (torchvision's IMAGENET1K_V1, as the release), 'imagenet_v2', a torchvision "
+                            "weights name (e.g. IMAGENET1K_V2), 'none' (from scratch) or a local weights file")
     model.add_argument("--hash_bit", type=int, default=48, help="code length K (default 48)")
     model.add_argument("--image_loss_type", default="DHN", choices=["DHN", "HashNet"],
                        help="HashNet: tanh continuation (scale grows every 200 iterations) and no "
@@ -120,18 +121,18 @@ def build_parser():
     optimisation.add_argument("--weight_decay", type=float, default=None,
                               help="SGD weight decay (default 0.1 for Stair_Step, 5e-4 for the others, as released)")
 
-    evaluation = parser.add_argument_group("evaluation at the end")
-    evaluation.add_argument("--radius", type=int, default=0,
+    evaluation_flags = parser.add_argument_group("evaluation at the end")
+    evaluation_flags.add_argument("--radius", type=int, default=0,
                             help="Hamming radius r: report MAP@H<=r when r > 0, else MAP@TopK")
-    evaluation.add_argument("--opt-test", dest="opt_test", type=str2bool, nargs="?", const=True, default=False,
+    evaluation_flags.add_argument("--opt-test", dest="opt_test", type=str2bool, nargs="?", const=True, default=False,
                             help="headline in the release's 'mmhh' convention (empty balls left out)")
-    evaluation.add_argument("--test_sample_ratio", type=float, default=1.0,
+    evaluation_flags.add_argument("--test_sample_ratio", type=float, default=1.0,
                             help="evaluate a seeded random fraction of each list (release: unseeded 0.1)")
-    evaluation.add_argument("--topk", type=int, default=None, help="R of MAP@TopK (default: the dataset's)")
-    evaluation.add_argument("--test_output_dir", default="test_output/",
+    evaluation_flags.add_argument("--topk", type=int, default=None, help="R of MAP@TopK (default: the dataset's)")
+    evaluation_flags.add_argument("--test_output_dir", default="test_output/",
                             help="the final codes, metrics.json and plots go to DIR/<annotation>_iter_<NNNNN>")
-    test_mmhh.add_list_flags(evaluation)
-    evaluation.add_argument("--train_list", default=None, help="training list file (overrides the dataset's)")
+    evaluation.add_list_flags(evaluation_flags)
+    evaluation_flags.add_argument("--train_list", default=None, help="training list file (overrides the dataset's)")
     return parser
 
 
@@ -162,9 +163,12 @@ def main(argv=None):
     seed_everything(args.seed)
 
     source = data_list.resolve_dataset(args.s_dataset, args.data_dir, train_list=args.train_list,
-                                       data_root=args.data_root)
+                                       data_root=args.data_root, needs=("train",))
     target = data_list.resolve_dataset(args.t_dataset, args.data_dir, test_list=args.test_list,
-                                       database_list=args.database_list, data_root=args.data_root)
+                                       database_list=args.database_list, data_root=args.data_root,
+                                       needs=("test", "database"))
+    evaluation.log_default_presets(source, similar_weight=args.similar_weight_type)
+    evaluation.log_default_presets(target, topk=args.topk)
     if args.check:
         return check_everything(args, source, target)
     train_paths, train_labels = data_list.read_checked_list(source, "train")
@@ -386,7 +390,7 @@ def evaluate(run, target, writer):
     """The release's final evaluation: encode the test and database lists and score them."""
     args = run.args
     output_dir = os.path.join(args.test_output_dir, f"{args.annotation}_iter_{args.num_iters:05d}")
-    result = test_mmhh.evaluate_model(run.model, target, args, run.device, output_dir)
+    result = evaluation.evaluate_model(run.model, target, args, run.device, output_dir)
     for key, value in result.items():
         if isinstance(value, float):
             writer.add_scalar(f"Test/{key}", value, args.num_iters)

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torchvision
 
+import evaluation
 import test_mmhh
 import train_mmhh
 from conftest import GPU_IDS, tiny_train_flags, write_tiny_dataset
@@ -36,6 +37,17 @@ def test_every_distance_type_trains_and_evaluates(tmp_path, tiny_data, extra):
     assert all(torch.isfinite(value).all() for value in state["model"].values() if value.is_floating_point())
     result = json.loads((tmp_path / "test_output" / "t_iter_00020" / "metrics.json").read_text())
     assert 0.0 <= result["map_radius_deephash"] <= 1.0
+
+
+@pytest.mark.parametrize("extra", [
+    ["--lr_schedule_type", "DANN_INV"],  # the release passed DANN_INV an extra `logger` argument
+    ["--image_network", "VGGFc", "--backbone", "VGG11", "--resize_size", "36", "--crop_size", "32",
+     "--num_iters", "2"],  # the release's choices did not include VGGFc
+], ids=["DANN_INV", "VGGFc"])
+def test_release_crashes_are_fixed(tmp_path, tiny_data, extra):
+    assert train_mmhh.main(tiny_train_flags(tmp_path, tiny_data, *extra)) == 0
+    iterations = int(extra[extra.index("--num_iters") + 1]) if "--num_iters" in extra else 20
+    assert torch.load(snapshot(tmp_path, iterations), weights_only=True)["iteration"] == iterations
 
 
 @pytest.mark.parametrize("extra", [
@@ -75,7 +87,7 @@ def test_snapshot_reloads_to_identical_codes(tmp_path, tiny_data, gpu_id):
                            "--log_dir", str(tmp_path / "log")]) == 0
     # The same batches as training's final evaluation, so the same kernels: bit-identical codes.
     trained = tmp_path / "test_output" / "t_iter_00020"
-    for name in test_mmhh.CODE_FILES:
+    for name in evaluation.CODE_FILES:
         np.testing.assert_array_equal(np.load(out / f"{name}.npy"), np.load(trained / f"{name}.npy"))
     result = json.loads((out / "metrics.json").read_text())
     for key in ("map_radius_deephash", "map_radius_mmhh", "precision_radius", "recall_radius",

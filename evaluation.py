@@ -1,0 +1,186 @@
+"""Evaluation shared by train_mmhh.py and test_mmhh.py: encode a dataset's lists, score, report, save.
+
+The metrics and their conventions are described in the README's "Retrieval metrics" section.
+"""
+import json
+import logging
+import os
+
+import numpy as np
+import torch
+
+import data_list
+import metrics
+import plots
+from network import encode
+from runtime import UsageError, atomic_write
+
+log = logging.getLogger("mmhh")
+
+CODE_FILES = ("database_code", "database_labels", "test_code", "test_labels")
+
+
+def add_list_flags(group):
+    """The list and data flags both scripts take."""
+    group.add_argument("--data_dir", default="data", help="folder of the dataset folders (default data)")
+    group.add_argument("--test_list", default=None, help="query list file (overrides the dataset's)")
+    group.add_argument("--database_list", default=None, help="database list file (overrides the dataset's)")
+    group.add_argument("--data_root", default=None,
+                       help="folder that relative image paths are relative to (default: each list's folder)")
+
+
+def log_default_presets(spec, **flags):
+    """Name the defaults that a dataset with neither dataset.json nor preset gets for flags not given."""
+    if spec.presets_from != "default":
+        return
+    notes = {"topk": "R of MAP@TopK = the whole database (--topk overrides)",
+             "similar_weight": "similar-pair weight 1 (--similar_weight overrides)"}
+    defaulted = [notes[flag] for flag, value in flags.items() if value in (None, "config", "preset")]
+    if defaulted:
+        log.info("dataset '%s' has no dataset.json and no preset: %s", spec.name, "; ".join(defaulted))
+
+
+def evaluate_model(model, spec, args, device, output_dir=None):
+    """Encode ``spec``'s database and queries with ``model`` and score them; returns the metrics dict."""
+    codes, paths = {}, {}
+    for split in ("database", "test"):
+        dataset = evaluation_dataset(spec, split, args)
+        loader = data_list.evaluation_loader(dataset, args.batch_size, args.workers)
+        codes[split] = encode(model, loader, device, description=f"encoding {split}")
+        paths[split] = dataset.paths
+    topk = args.topk if args.topk is not None else spec.topk
+    context = {"dataset": spec.name,
+               "queries_in_database": count_queries_in_database(paths["test"], paths["database"])}
+    return score_codes(*codes["database"], *codes["test"], args.radius, topk, args.opt_test, device,
+                       output_dir, context)
+
+
+def evaluation_dataset(spec, split, args):
+    """The images of one evaluation list, sampled by --test_sample_ratio (seeded)."""
+    paths, labels = data_list.read_checked_list(spec, split)
+    kept = data_list.sample_items(len(paths), args.test_sample_ratio, args.seed)
+    if len(kept) < len(paths):
+        log.info("%s: evaluating %d of %d items (--test_sample_ratio %g, seed %d)", split, len(kept),
+                 len(paths), args.test_sample_ratio, args.seed)
+    transform = data_list.test_transform(args.resize_size, args.crop_size)
+    return data_list.ImageList([paths[i] for i in kept], labels[kept], transform)
+
+
+def count_queries_in_database(query_paths, database_paths):
+    """How many queries are database images too (same file): each finds itself at distance 0."""
+    database = {os.path.normpath(os.path.abspath(path)) for path in database_paths}
+    return sum(os.path.normpath(os.path.abspath(path)) in database for path in query_paths)
+
+
+def score_codes(database_codes, database_labels, query_codes, query_labels, radius, topk, opt_test,
+                device, output_dir=None, context=None):
+    """All retrieval metrics of the codes, logged as a table and saved when ``output_dir`` is given.
+
+    ``context`` (the dataset's name, queries_in_database) is added to the result as it is.
+    """
+    if topk > len(database_codes):
+        log.info("R = %d exceeds the database's %d items: MAP@TopK ranks the whole database", topk,
+                 len(database_codes))
+        topk = -1
+    result = metrics.evaluate_retrieval(database_codes, database_labels, query_codes, query_labels,
+                                        radius=radius, topk=topk, device=device)
+    result.update({"dataset": None, "queries_in_database": None, **(context or {})})
+    result["convention"] = "mmhh" if opt_test else "deephash"
+    result["headline"] = headline_metric(result, opt_test)
+    log_report(result)
+    if output_dir:
+        save_outputs(output_dir, result, database_codes, database_labels, query_codes, query_labels)
+    return result
+
+
+def headline_metric(result, opt_test):
+    """The run's one number: MAP@H<=r when r > 0 (as the release), else MAP@TopK."""
+    if result["radius"] > 0:
+        return result["map_radius_mmhh" if opt_test else "map_radius_deephash"]
+    return result["map_topk_mmhh" if opt_test else "map_topk"]
+
+
+def log_report(result):
+    r, topk = result["radius"], result["topk"]
+    rows = [
+        (f"MAP@H<={r} (deephash)", result["map_radius_deephash"]),
+        (f"MAP@H<={r} (mmhh)", result["map_radius_mmhh"]),
+        (f"P@H<={r}", result["precision_radius"]),
+        (f"R@H<={r}", result["recall_radius"]),
+        (f"empty balls (r={r})", result["empty_ball_fraction"]),
+        (f"MAP@{topk} (continuous)", result["map_topk"]),
+        (f"MAP@{topk} (sign codes)", result["map_topk_sign"]),
+        (f"MAP@{topk} (mmhh: misses count 0)", result["map_topk_mmhh"]),
+    ]
+    log.info("retrieval: %d queries x %d database items, %d bits", result["num_queries"],
+             result["num_database"], result["hash_bit"])
+    for name, value in rows:
+        log.info("  %-36s %.4f", name, value)
+    inside = result["queries_in_database"]
+    if inside is not None:
+        log.info("  %-36s %d of %d%s", "queries in the database", inside, result["num_queries"],
+                 " (each finds itself at distance 0: its ball is never empty)" if inside else "")
+    log.info("  headline (%s convention): %.4f", result["convention"], result["headline"])
+
+
+def save_outputs(output_dir, result, database_codes, database_labels, query_codes, query_labels):
+    """Codes and labels as .npy (continuous outputs, as released), metrics.json and the plots."""
+    arrays = dict(zip(CODE_FILES, (database_codes, database_labels, query_codes, query_labels)))
+    for name, array in arrays.items():
+        atomic_write(os.path.join(output_dir, f"{name}.npy"), lambda tmp, a=array: _save_npy(tmp, a))
+    atomic_write(os.path.join(output_dir, "metrics.json"),
+                 lambda tmp: _write_text(tmp, json.dumps(result, indent=1)))
+    written = plots.save_retrieval_plots(result, output_dir)
+    log.info("saved codes, labels, metrics.json and %d plots to %s", len(written), output_dir)
+
+
+def load_codes(codes_dir):
+    """The four arrays that ``save_outputs`` wrote, checked to be continuous or +-1 codes and 0/1 labels."""
+    arrays = []
+    for name in CODE_FILES:
+        path = os.path.join(codes_dir, f"{name}.npy")
+        if not os.path.isfile(path):
+            raise UsageError(f"--codes_dir {codes_dir}: {name}.npy is missing; it needs "
+                             + ", ".join(f"{n}.npy" for n in CODE_FILES))
+        try:
+            array = np.load(path, allow_pickle=False)
+        except ValueError as error:
+            raise UsageError(f"{path} is not a plain numeric .npy array ({error})") from None
+        if name.endswith("_code"):
+            _check_codes(array, path)
+        arrays.append(torch.from_numpy(array if array.dtype == np.float64 else array.astype(np.float32)))
+    return arrays
+
+
+def saved_dataset_name(codes_dir):
+    """The dataset name a codes folder's metrics.json records, or None."""
+    try:
+        with open(os.path.join(codes_dir, "metrics.json"), encoding="utf-8") as handle:
+            return json.load(handle).get("dataset")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def check_evaluation_data(spec):
+    """Every list of the evaluation parses and every image opens."""
+    for split in ("test", "database"):
+        data_list.verify_list_images(data_list.require_list(spec, split), spec.data_root)
+
+
+def _check_codes(array, path):
+    """Codes must be continuous outputs or +-1: 0/1 bits would all become +1 under sign (sign(0) = +1)."""
+    if array.ndim != 2 or not np.issubdtype(array.dtype, np.number) or np.issubdtype(array.dtype, np.complexfloating):
+        raise UsageError(f"{path}: codes must be a real (N, K) array, got shape {array.shape} and dtype {array.dtype}")
+    if array.size and np.isin(array, (0, 1)).all() and (array == 0).any():
+        raise UsageError(f"{path} holds 0/1 bits, but codes are read as signs (0 would count as +1, so every "
+                         "bit would be +1); save the network's continuous outputs or +-1 codes (2 * bits - 1)")
+
+
+def _save_npy(path, array):
+    with open(path, "wb") as handle:
+        np.save(handle, np.asarray(array))
+
+
+def _write_text(path, text):
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write(text)
