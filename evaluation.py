@@ -46,7 +46,7 @@ def evaluate_model(model, spec, args, device, output_dir=None):
     for split in ("database", "test"):
         dataset = evaluation_dataset(spec, split, args)
         loader = data_list.evaluation_loader(dataset, args.batch_size, args.workers)
-        codes[split] = encode(model, loader, device, description=f"encoding {split}")
+        codes[split] = encode(model, loader, device, description=f"encoding {split}", amp=args.amp)
         paths[split] = dataset.paths
     topk = args.topk if args.topk is not None else spec.topk
     context = {"dataset": spec.name,

@@ -9,6 +9,8 @@ import torch
 from torch import nn
 from torchvision import models
 
+from runtime import autocast
+
 log = logging.getLogger("mmhh")
 
 RESNETS = {"ResNet18": models.resnet18, "ResNet34": models.resnet34, "ResNet50": models.resnet50,
@@ -144,15 +146,19 @@ def _feature_layers(image_network, model):
 
 
 @torch.no_grad()
-def encode(model, loader, device, description="encoding", log_every_s=10.0):
-    """Continuous codes and labels of every item of ``loader``'s dataset, in dataset order."""
+def encode(model, loader, device, description="encoding", log_every_s=10.0, amp=False):
+    """Continuous codes and labels of every item of ``loader``'s dataset, in dataset order.
+
+    ``amp``: run the network under bfloat16 autocast; the codes are returned in float32.
+    """
     was_training = model.training
     model.eval()
     dataset = loader.dataset
     codes = labels = None
     done, start, last_log = 0, time.perf_counter(), time.perf_counter()
     for images, batch_labels, indices in loader:
-        batch_codes = model(images.to(device, non_blocking=True)).float().cpu()
+        with autocast(device, amp):
+            batch_codes = model(images.to(device, non_blocking=True)).float().cpu()
         if codes is None:
             codes = torch.zeros(len(dataset), batch_codes.shape[1])        # (N, K)
             labels = torch.zeros(len(dataset), batch_labels.shape[1])      # (N, C)

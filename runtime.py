@@ -56,6 +56,11 @@ def select_device(gpu_id):
     return torch.device("cuda", index)
 
 
+def autocast(device, enabled):
+    """bfloat16 autocast on ``device`` when enabled (--amp); a no-op otherwise."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
 def seed_everything(seed):
     """Seed Python, numpy and torch (every device)."""
     random.seed(seed)

@@ -24,7 +24,8 @@ import data_list
 import loss
 import evaluation
 import network
-from runtime import CliError, UsageError, run_cli, seed_everything, select_device, setup_logging, str2bool
+from runtime import (CliError, UsageError, autocast, run_cli, seed_everything, select_device, setup_logging,
+                     str2bool)
 
 log = logging.getLogger("mmhh")
 
@@ -32,7 +33,7 @@ LR_SCHEDULES = ("Stair_Step", "HashNet_Step", "DANN_INV")
 # Weight decay of each schedule when --weight_decay is not given, as released.
 DEFAULT_WEIGHT_DECAY = {"Stair_Step": 0.1, "HashNet_Step": 5e-4, "DANN_INV": 5e-4}
 # Flags a resumed run may change: where it runs and logs, not what it computes.
-RESUME_MAY_CHANGE = {"resume", "gpu_id", "workers", "log_dir", "runs_dir", "snapshot_interval", "print_every",
+RESUME_MAY_CHANGE = {"resume", "gpu_id", "amp", "workers", "log_dir", "runs_dir", "snapshot_interval", "print_every",
                      "check", "test_output_dir", "data_dir", "data_root", "train_list", "test_list", "database_list"}
 
 
@@ -67,6 +68,9 @@ def build_parser():
     run.add_argument("--print_every", type=int, default=10, help="iterations between progress lines")
     run.add_argument("--check", action="store_true",
                      help="validate lists, images, snapshots and flags, then exit without training")
+    run.add_argument("--amp", action="store_true",
+                     help="bfloat16 autocast for the network (training and encoding); the loss and the memory "
+                          "stay in float32, snapshots hold float32 weights")
     run.add_argument("--mission", default="Hashing", choices=["Hashing"], help="kept from the release")
 
     model = parser.add_argument_group("network")
@@ -195,7 +199,8 @@ def main(argv=None):
 
 def resumed_args(given, explicit, saved, path):
     """The snapshot's flags, with the run-time flags given now; other changes are refused."""
-    args = argparse.Namespace(**saved)
+    # Flags added since the snapshot was written take their defaults.
+    args = argparse.Namespace(**{**vars(given), **saved})
     for flag in sorted(explicit):
         value = getattr(given, flag)
         if flag in RESUME_MAY_CHANGE:
@@ -277,7 +282,8 @@ def initialise_run(run, args, train_paths, train_labels):
         train_set = data_list.ImageList(train_paths, train_labels,
                                         data_list.test_transform(args.resize_size, args.crop_size))
         loader = data_list.evaluation_loader(train_set, args.batch_size, args.workers)
-        codes, _ = network.encode(run.model, loader, run.device, description="initialising the memory")
+        codes, _ = network.encode(run.model, loader, run.device, description="initialising the memory",
+                                  amp=args.amp)
         run.memory.initialize_codes(codes.to(run.device))
     return 0
 
@@ -339,11 +345,14 @@ def train_step(run, iteration, images, labels, indices):
     for group in run.optimizer.param_groups:
         group["lr"] = lr * group["lr_mult"]
     model.set_iteration(iteration)
-    images, labels, indices = images.to(device), labels.to(device), indices.to(device)
-    h = model(images)  # (B, K)
+    images, labels, indices = (images.to(device, non_blocking=True), labels.to(device, non_blocking=True),
+                               indices.to(device, non_blocking=True))
+    with autocast(device, args.amp):
+        h = model(images).float()  # (B, K); the loss and the memory stay in float32
     other_h, other_labels, exclude = run.memory.partner_set(h, labels, indices, iteration)
     parts = run.criterion(h, labels, other_h, other_labels, exclude)
-    values = {name: value.item() for name, value in parts.items()}
+    # One host synchronisation a step: the non-finite check needs the values.
+    values = dict(zip(parts, torch.stack([value.detach() for value in parts.values()]).tolist()))
     if not all(math.isfinite(value) for value in values.values()):
         raise NonFiniteLoss(f"iteration {iteration}: the loss is not finite (total {values['total']}, pair "
                             f"{values['pair']}, quantization {values['quantization']}); stopped before the "

@@ -95,6 +95,18 @@ def test_snapshot_reloads_to_identical_codes(tmp_path, tiny_data, gpu_id):
         assert key in result
 
 
+def test_amp_run_snapshots_float32_weights_that_load_anywhere(tmp_path, tiny_data):
+    assert train_mmhh.main(tiny_train_flags(tmp_path, tiny_data, "--amp", "--batch_type", "SemiMem")) == 0
+    state = torch.load(snapshot(tmp_path), weights_only=True)
+    assert all(value.dtype == torch.float32 for value in state["model"].values() if value.is_floating_point())
+    assert state["memory"]["codes"].dtype == torch.float32 and state["args"]["amp"] is True
+    out = tmp_path / "reloaded"
+    assert test_mmhh.main(["--model_path", str(snapshot(tmp_path)), "--data_dir", str(tiny_data), "--output_path",
+                           str(out), "--gpu_id", "cpu", "--workers", "0", "--log_dir", str(tmp_path / "log")]) == 0
+    codes = np.load(out / "test_code.npy")
+    assert codes.dtype == np.float32 and np.isfinite(codes).all()
+
+
 def test_saved_codes_score_without_a_model(tmp_path, tiny_data):
     assert train_mmhh.main(tiny_train_flags(tmp_path, tiny_data)) == 0
     codes_dir = tmp_path / "test_output" / "t_iter_00020"
