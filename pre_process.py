@@ -1,39 +1,51 @@
-"""Build the HashNet-format image lists of a dataset, derive the noisy-label and unseen-class
-protocols from built lists, and validate lists.
+"""Build the HashNet-format image lists of a dataset or import published ones, derive the
+noisy-label and unseen-class protocols from built lists, and validate lists.
 
 Every builder writes DATA_DIR/NAME/{train,test,database}.txt (``path l1 ... lC``, 0/1 labels; paths
 relative to the list's folder, or to the ``data_root`` of DATA_DIR/NAME/dataset.json) and that
 dataset.json (sizes, retrieval presets, source command, seed, protocol). All random choices are
-seeded by --seed, so the same command writes the same lists.
+seeded by --seed, so the same command writes the same lists. The COCO and NUS-WIDE builders follow
+HashNet's published lists by default (--protocol); `import` takes such lists as they are.
 
 Examples:
   python pre_process.py fashion_mnist
+  python pre_process.py coco --root /data/coco2014
+  python pre_process.py import --dataset coco_80 --train_list train.txt --test_list test.txt \\
+      --database_list database.txt --image_root /data/coco2014
   python pre_process.py noise --dataset fashion_mnist --rate 0.3
   python pre_process.py unseen --dataset nuswide_21 --unseen_ratio 0.25
   python pre_process.py validate --dataset fashion_mnist
 """
 import argparse
 import gzip
+import hashlib
 import io
 import json
 import multiprocessing
 import os
 import pickle
 import shlex
+import shutil
 import struct
 import sys
 
 import numpy as np
 from PIL import Image
 
-from data_list import (PRESETS, SPLITS, DataError, image_problem, read_image_list, require_list,
-                       resolve_dataset)
+from data_list import (DEFAULT_PRESET, PRESETS, SPLITS, DataError, image_problem, read_image_list,
+                       require_list, resolve_dataset)
 
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
                          "Sneaker", "Bag", "Ankle boot")
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
                    "truck")
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
+# Split sizes and their defaults: so many a class (DHN's recipe) or random draws (HashNet's).
+PER_CLASS_SIZES = {"num_queries_per_class": 100, "num_train_per_class": 500}
+RANDOM_SIZES = {"num_queries": 5000, "num_train": 10000}
+NUSWIDE_SIZES = {"hashnet": RANDOM_SIZES, "dhn": PER_CLASS_SIZES}
+# How many unmappable lines `import` prints before counting the rest.
+MAX_REPORTED = 20
 
 
 class PreProcessError(Exception):
@@ -79,7 +91,7 @@ def parse_args(argv):
                      help="folder of the four IDX files, plain or .gz; when they are missing, "
                           "torchvision downloads them there (default: %(default)s)")
     sub.add_argument("--no_download", action="store_true", help="never try to download the IDX files")
-    add_per_class_sizes(sub)
+    add_sizes(sub, PER_CLASS_SIZES)
 
     sub = command("cifar10", build_cifar10, [data, seeded, workers],
                   "build 'cifar10' from the CIFAR-10 python batches",
@@ -89,37 +101,54 @@ def parse_args(argv):
                   "from the rest; database: the rest after queries and train (1,000 / 5,000 / "
                   "54,000 by default), so train and database do not overlap.")
     sub.add_argument("--root", required=True, help="folder holding data_batch_1..5 and test_batch")
-    add_per_class_sizes(sub)
+    add_sizes(sub, PER_CLASS_SIZES)
 
     sub = command("coco", build_coco, [data, seeded], "build 'coco_80' from MS-COCO 2014",
                   "MS-COCO 2014 as dataset 'coco_80'. Images of train2014 and val2014 are pooled; "
-                  "images without any annotation are dropped; category ids map to label columns "
-                  "in ascending id order. Queries: --num_queries random images; database: every "
-                  "other image; train: --num_train random database images (train is a subset of "
-                  "the database, as in HashNet). data_root is the absolute COCO root.")
+                  "images without any annotation are dropped, as HashNet's paper (Cao et al. ICCV "
+                  "2017) prunes the images with no category information: 122,218 labelled images "
+                  "remain, the 10,000 + 112,218 lines of HashNet's training and database lists. "
+                  "Category ids map to label columns in ascending id order. Queries: --num_queries "
+                  "random images; train: --num_train random other images. Database, by --protocol: "
+                  "hashnet (default), as in HashNet's published lists, which the MMHH release "
+                  "trains on: every image but the training ones, so every query is in the database "
+                  "and no training image is (5,000 / 10,000 / 112,218); disjoint: every image but "
+                  "the queries, so train is a subset of the database (5,000 / 10,000 / 117,218). "
+                  "data_root is the absolute COCO root.")
     sub.add_argument("--root", required=True,
                      help="folder with annotations/instances_{train,val}2014.json, train2014/, val2014/")
-    sub.add_argument("--num_queries", type=non_negative_int, default=5000,
-                     help="random images drawn as queries (default: 5000)")
-    sub.add_argument("--num_train", type=non_negative_int, default=10000,
-                     help="random database images drawn for training (default: 10000)")
+    sub.add_argument("--protocol", choices=("hashnet", "disjoint"), default="hashnet",
+                     help="which images make up the database (default: hashnet)")
+    add_sizes(sub, RANDOM_SIZES)
 
     sub = command("nuswide", build_nuswide, [data, seeded], "build 'nuswide_21' or 'nuswide_81'",
                   "NUS-WIDE as dataset 'nuswide_21' or 'nuswide_81'. Labels: the 21 most frequent "
                   "concepts (ties: Concepts81.txt order) or all 81, as columns in Concepts81.txt "
-                  "order; images with none of them are dropped. Sampling as in HashNet: for each "
-                  "concept in column order, --num_queries_per_class images having it are drawn "
-                  "among those not drawn yet (the queries; 2,100 for 21 concepts by default); then "
-                  "likewise --num_train_per_class images a concept among the non-queries (train; "
-                  "10,500). Database: every image but the queries (train is a subset). data_root "
-                  "is the absolute NUS-WIDE root; an image is images/<folder>/<file>, the last two "
+                  "order. --protocol hashnet, as in HashNet's published NUS-WIDE-81 lists, which "
+                  "the MMHH release trains on: --num_queries random images are the queries and "
+                  "--num_train random other images the training set, drawn from every image, "
+                  "including those with none of the concepts (HashNet's lists keep them: 2,185 of "
+                  "its 10,000 training rows are all zero); database: every image but the queries, "
+                  "so train is a subset of it (5,000 / 10,000 / the rest). --protocol dhn, DHN's "
+                  "recipe (Zhu et al. AAAI 2016): images with none of the concepts are dropped; "
+                  "for each concept in column order, --num_queries_per_class images having it are "
+                  "drawn among those not drawn yet (the queries; 2,100 for 21 concepts), then "
+                  "likewise --num_train_per_class a concept among the non-queries (train; 10,500); "
+                  "database: every image but the queries. Default: hashnet with 81 concepts, dhn "
+                  "with 21, because HashNet's published 21-concept lists (pytorch/data/nus_wide) "
+                  "hold 2,100 queries and 10,500 training images, DHN's sizes. data_root is the "
+                  "absolute NUS-WIDE root; an image is images/<folder>/<file>, the last two "
                   "components of its ImageList/Imagelist.txt line.")
     sub.add_argument("--root", required=True,
                      help="folder with ImageList/Imagelist.txt, Groundtruth/AllLabels/, "
                           "Concepts81.txt (or ConceptsList/Concepts81.txt) and images/")
     sub.add_argument("--concepts", type=int, choices=(21, 81), required=True,
                      help="21: the 21 most frequent concepts (nuswide_21); 81: all (nuswide_81)")
-    add_per_class_sizes(sub, "concept")
+    sub.add_argument("--protocol", choices=tuple(NUSWIDE_SIZES), default=None,
+                     help="how queries, train and database are drawn (default: hashnet with "
+                          "--concepts 81, dhn with --concepts 21)")
+    add_sizes(sub, RANDOM_SIZES, protocol="hashnet")
+    add_sizes(sub, PER_CLASS_SIZES, "concept", protocol="dhn")
 
     sub = command("imagenet100", build_imagenet100, [data, seeded], "build 'imagenet_100' from ImageNet",
                   "ImageNet classes as dataset 'imagenet_100'. Queries: every val image of the "
@@ -153,6 +182,24 @@ def parse_args(argv):
     split.add_argument("--unseen_classes", type=class_indices, default=None,
                        help="explicit unseen label columns, e.g. 0,3,7")
 
+    sub = command("import", import_lists, [data], "dataset NAME from published list files",
+                  "Turn published HashNet-format lists (HashNet's, DeepHash's) into dataset "
+                  "DATA_DIR/NAME. Their paths were written on another machine: each line is mapped "
+                  "to the file under --image_root sharing the longest path suffix with it, in whole "
+                  "components and at least the file name (e.g. /home/x/coco/val2014/a.jpg to "
+                  "val2014/a.jpg). Labels and line order are kept; paths are written relative to "
+                  "--image_root, which becomes data_root. A line mapping to no file, or to two "
+                  "files equally well, is reported as file:line (exit 1, nothing written). "
+                  "dataset.json records each source list's sha256, per-list counts and how many "
+                  "queries and training lines are in the database. The folder appears whole or "
+                  "not at all.")
+    sub.add_argument("--dataset", required=True, help="name of the dataset to write under DATA_DIR")
+    for split, what in (("train", "training"), ("test", "query"), ("database", "database")):
+        sub.add_argument(f"--{split}_list", required=True, help=f"the published {what} list")
+    sub.add_argument("--image_root", required=True, help="folder holding the images, in any layout")
+    sub.add_argument("--overwrite", action="store_true",
+                     help="replace an existing DATA_DIR/NAME (only once the new one is complete)")
+
     sub = command("validate", validate, [data, workers], "check a dataset's lists and images",
                   "Check lists: every line parses (a format error stops that list at its first bad "
                   "line), label widths agree across the lists (unseen protocol: test and database), "
@@ -166,11 +213,27 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-def add_per_class_sizes(sub, unit="class"):
-    sub.add_argument("--num_queries_per_class", type=non_negative_int, default=100,
-                     help=f"queries a {unit} (default: 100)")
-    sub.add_argument("--num_train_per_class", type=non_negative_int, default=500,
-                     help=f"training images a {unit} (default: 500)")
+def add_sizes(sub, sizes, unit="class", protocol=None):
+    """A flag for each split size; one of a ``protocol`` has no default until that protocol is chosen."""
+    what = {"num_queries": "random images drawn as queries",
+            "num_train": "random images, not queries, drawn for training",
+            "num_queries_per_class": f"queries a {unit}",
+            "num_train_per_class": f"training images a {unit}"}
+    scope = f"--protocol {protocol}; " if protocol else ""
+    for name, default in sizes.items():
+        sub.add_argument(f"--{name}", type=non_negative_int, default=None if protocol else default,
+                         help=f"{what[name]} ({scope}default: {default})")
+
+
+def protocol_sizes(args, sizes_by_protocol):
+    """The split sizes of ``args.protocol``, flag or default; a size flag of another protocol is an error."""
+    for protocol, sizes in sizes_by_protocol.items():
+        stray = [name for name in sizes if getattr(args, name) is not None]
+        if protocol != args.protocol and stray:
+            raise PreProcessError(f"--{stray[0]} sets a size of --protocol {protocol}, not of --protocol "
+                                  f"{args.protocol}; drop it or pass --protocol {protocol}")
+    return [default if getattr(args, name) is None else getattr(args, name)
+            for name, default in sizes_by_protocol[args.protocol].items()]
 
 
 # ---------------------------------------------------------------- builders
@@ -214,43 +277,39 @@ def build_coco(args):
     """Pool COCO 2014 train and val, drop unlabelled images, draw queries and train."""
     paths, labels, names = read_coco(args.root)
     rng = np.random.default_rng(args.seed)
-    if args.num_queries + args.num_train > len(paths):
-        raise PreProcessError(f"--num_queries {args.num_queries} + --num_train {args.num_train} exceed "
-                              f"the {len(paths)} labelled COCO images under {args.root}; lower them")
-    queries = np.sort(rng.choice(len(paths), args.num_queries, replace=False))
-    database = np.setdiff1d(np.arange(len(paths)), queries)
-    train = np.sort(rng.choice(database, args.num_train, replace=False))
+    queries, train = draw_queries_and_train(len(paths), args.num_queries, args.num_train, rng,
+                                            f"labelled COCO images under {args.root}")
+    # HashNet's lists leave the training images out of the database; disjoint leaves the queries out
+    database = np.setdiff1d(np.arange(len(paths)), train if args.protocol == "hashnet" else queries)
     splits = {"train": train, "test": queries, "database": database}
     lists = {split: list_text([paths[i] for i in index], labels[index]) for split, index in splits.items()}
     write_dataset(args, "coco_80", lists, dataset_record(
         args, "coco_80", len(names), splits, root=args.root, data_root=os.path.abspath(args.root),
-        label_names=names))
+        label_names=names, protocol={"type": args.protocol}))
     return 0
 
 
 def build_nuswide(args):
-    """NUS-WIDE with 21 or 81 concepts, sampled per concept as HashNet does."""
+    """NUS-WIDE with 21 or 81 concepts, split as HashNet's lists (random) or DHN (per concept)."""
+    args.protocol = args.protocol or ("hashnet" if args.concepts == 81 else "dhn")
+    sizes = protocol_sizes(args, NUSWIDE_SIZES)
     paths, labels, names = read_nuswide(args.root)
     columns = (np.arange(len(names)) if args.concepts == 81
                else np.sort(np.argsort(-labels.sum(0), kind="stable")[:21]))
-    labels = labels[:, columns]
-    kept = np.flatnonzero(labels.any(1))
-    paths, labels = [paths[i] for i in kept], labels[kept]
-    names = [names[c] for c in columns]
+    labels, names = labels[:, columns], [names[c] for c in columns]
     rng = np.random.default_rng(args.seed)
-    everyone = np.ones(len(paths), dtype=bool)
-    queries = sample_per_concept(labels, names, args.num_queries_per_class, everyone, rng,
-                                 "--num_queries_per_class")
-    is_query = np.zeros(len(paths), dtype=bool)
-    is_query[queries] = True
-    train = sample_per_concept(labels, names, args.num_train_per_class, ~is_query, rng,
-                               "--num_train_per_class")
-    splits = {"train": train, "test": queries, "database": np.flatnonzero(~is_query)}
+    if args.protocol == "hashnet":
+        queries, train = draw_queries_and_train(len(paths), *sizes, rng, f"NUS-WIDE images under {args.root}")
+    else:
+        kept = np.flatnonzero(labels.any(1))
+        paths, labels = [paths[i] for i in kept], labels[kept]
+        queries, train = sample_dhn(labels, names, *sizes, rng)
+    splits = {"train": train, "test": queries, "database": np.setdiff1d(np.arange(len(paths)), queries)}
     lists = {split: list_text([paths[i] for i in index], labels[index]) for split, index in splits.items()}
     name = f"nuswide_{args.concepts}"
     write_dataset(args, name, lists, dataset_record(
         args, name, len(columns), splits, root=args.root, data_root=os.path.abspath(args.root),
-        label_names=names))
+        label_names=names, protocol={"type": args.protocol}))
     return 0
 
 
@@ -333,6 +392,180 @@ def build_unseen(args):
     return 0
 
 
+# ---------------------------------------------------------------- published lists
+
+def import_lists(args):
+    """Map published lists onto the images under --image_root and write them as dataset NAME."""
+    folder = os.path.join(args.data_dir, args.dataset)
+    sources = {split: getattr(args, f"{split}_list") for split in SPLITS}
+    check_import_paths(args, sources, folder)
+    published = {split: read_published_list(path) for split, path in sources.items()}
+    width = common_label_width(sources, {split: labels.shape[1] for split, (*_, labels) in published.items()})
+    wanted = {path_components(token)[-1] for _, tokens, _ in published.values() for token in tokens}
+    mapped, problems = map_lists(published, sources, index_images(args.image_root, wanted), args.image_root)
+    if problems:
+        return report_unmapped(problems, args.image_root)
+    # the labels were parsed as 0/1 tokens, so writing them back gives the same tokens
+    lists = {split: list_text(mapped[split], published[split][2]) for split in SPLITS}
+    record = dataset_record(args, args.dataset, width, mapped, root=args.image_root,
+                            data_root=os.path.abspath(args.image_root),
+                            presets=PRESETS.get(args.dataset, DEFAULT_PRESET),
+                            protocol=imported_protocol(sources, published, mapped))
+    write_folder_whole(folder, lists, record)
+    print_written(folder, record)
+    return 0
+
+
+def check_import_paths(args, sources, folder):
+    """Refuse missing inputs, and an existing dataset folder unless --overwrite."""
+    for split, path in sources.items():
+        if not os.path.isfile(path):
+            raise PreProcessError(f"--{split}_list {path} does not exist; pass the published list file")
+    if not os.path.isdir(args.image_root):
+        raise PreProcessError(f"--image_root {args.image_root} is not a folder; pass the folder that holds "
+                              "the images")
+    if os.path.lexists(folder) and not args.overwrite:
+        raise PreProcessError(f"{folder} already exists; pass --overwrite to replace it, or choose another "
+                              "--dataset")
+
+
+def map_lists(published, sources, by_name, root):
+    """Each list's image paths under ``root`` (None where unmapped) and a file:line problem per bad line."""
+    mapped, problems = {}, []
+    for split, (numbers, tokens, _) in published.items():
+        mapped[split] = []
+        for number, token in zip(numbers, tokens):
+            match, problem = best_match(token, by_name, root)
+            mapped[split].append(match)
+            if problem:
+                problems.append(f"{sources[split]}:{number}: {problem}")
+    return mapped, problems
+
+
+def common_label_width(sources, widths):
+    """The label width of the three lists, which must agree."""
+    for split in ("test", "database"):
+        if widths[split] != widths["train"]:
+            raise PreProcessError(f"--{split}_list {sources[split]} has {widths[split]} labels a line, but "
+                                  f"--train_list {sources['train']} has {widths['train']}; pass the three "
+                                  "lists of one dataset")
+    return widths["train"]
+
+
+def read_published_list(path):
+    """Line numbers, path tokens and labels of a HashNet-format list."""
+    _, _, labels = read_list(path, None)
+    numbers, tokens = zip(*list_entries(path))
+    return list(numbers), list(tokens), labels
+
+
+def path_components(token):
+    """The components of a list path written on any machine, '.' and empty ones dropped (at least one)."""
+    return [part for part in token.replace("\\", "/").split("/") if part not in ("", ".")] or [""]
+
+
+def index_images(root, wanted):
+    """Paths (relative to ``root``, '/'-separated) of the files under it named in ``wanted``, by name."""
+    top = os.stat(root)
+    by_name, scanned, folders, seen = {}, 0, [""], {(top.st_dev, top.st_ino)}
+    while folders:
+        relative = folders.pop()
+        with os.scandir(os.path.join(root, relative)) as entries:
+            for entry in entries:
+                path = f"{relative}/{entry.name}" if relative else entry.name
+                if entry.is_dir():
+                    info = entry.stat()
+                    if (info.st_dev, info.st_ino) not in seen:  # linked folders are walked once: no loops
+                        seen.add((info.st_dev, info.st_ino))
+                        folders.append(path)
+                elif entry.name in wanted:
+                    by_name.setdefault(entry.name, []).append(path)
+                scanned += 1
+                if scanned % 100000 == 0:
+                    print(f"  {scanned} files indexed under {root}", file=sys.stderr, flush=True)
+    return by_name
+
+
+def best_match(token, by_name, root):
+    """The indexed path sharing the longest path suffix with ``token``, or None and why."""
+    parts = path_components(token)
+    candidates = by_name.get(parts[-1], [])
+    if not candidates:
+        return None, (f"{token} maps to no file under {root}; put the image there or pass the "
+                      "--image_root that holds it")
+    shared = [common_suffix_length(parts, candidate.split("/")) for candidate in candidates]
+    best = sorted(c for c, n in zip(candidates, shared) if n == max(shared))
+    if len(best) > 1:
+        return None, (f"{token} maps to two or more files under {root} equally well: {', '.join(best)}; "
+                      "pass an --image_root that holds only one of them")
+    return best[0], None
+
+
+def common_suffix_length(parts, other):
+    """How many trailing path components two paths share."""
+    length = 0
+    for mine, theirs in zip(reversed(parts), reversed(other)):
+        if mine != theirs:
+            break
+        length += 1
+    return length
+
+
+def report_unmapped(problems, root):
+    """Print the first unmappable lines and a count of the rest on stderr; exit status 1."""
+    for problem in problems[:MAX_REPORTED]:
+        print(problem, file=sys.stderr)
+    if len(problems) > MAX_REPORTED:
+        print(f"... and {len(problems) - MAX_REPORTED} more", file=sys.stderr)
+    print(f"error: {len(problems)} list line(s) do not map to exactly one file under {root}; nothing "
+          "written", file=sys.stderr)
+    return 1
+
+
+def imported_protocol(sources, published, mapped):
+    """The protocol record of imported lists: source files, per-list counts, overlaps with the database."""
+    database = set(mapped["database"])
+    return {"type": "imported",
+            "source_files": {split: {"path": os.path.abspath(path), "sha256": file_sha256(path)}
+                             for split, path in sources.items()},
+            "counts": {split: label_counts(labels) for split, (_, _, labels) in published.items()},
+            "queries_in_database": sum(path in database for path in mapped["test"]),
+            "train_in_database": sum(path in database for path in mapped["train"])}
+
+
+def file_sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def label_counts(labels):
+    """Lines, all-zero label rows and positives per label of a (n, C) label matrix."""
+    return {"lines": len(labels), "all_zero_rows": int((labels.sum(1) == 0).sum()),
+            "positives_per_label": labels.sum(0).tolist()}
+
+
+def write_folder_whole(folder, lists, record):
+    """Write the dataset into a temporary sibling folder, then move it into place (over an old one)."""
+    parent, name = os.path.split(os.path.abspath(folder))
+    staging, old = (os.path.join(parent, f".{name}.{os.getpid()}.{kind}") for kind in ("new", "old"))
+    for leftover in (staging, old):  # left by a killed run
+        shutil.rmtree(leftover, ignore_errors=True)
+    try:
+        write_dataset_files(staging, lists, record)
+        if os.path.lexists(folder):
+            os.rename(folder, old)
+        os.rename(staging, folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if os.path.lexists(old) and not os.path.lexists(folder):
+            os.rename(old, folder)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
 # ---------------------------------------------------------------- validation
 
 def validate(args):
@@ -391,10 +624,11 @@ def image_defects(parsed, lists, workers):
 
 def print_list_stats(parsed, lists):
     for name, (_, _, labels) in parsed.items():
-        zero_rows = int((labels.sum(1) == 0).sum())
-        print(f"{name} ({lists[name]}): {len(labels)} images, {labels.shape[1]} labels, "
-              f"{zero_rows} all-zero label rows")
-        print("  positives per label: " + " ".join(f"{c}:{n}" for c, n in enumerate(labels.sum(0))))
+        counts = label_counts(labels)
+        print(f"{name} ({lists[name]}): {counts['lines']} images, {labels.shape[1]} labels, "
+              f"{counts['all_zero_rows']} all-zero label rows")
+        positives = enumerate(counts["positives_per_label"])
+        print("  positives per label: " + " ".join(f"{c}:{n}" for c, n in positives))
 
 
 def print_overlaps(parsed):
@@ -693,8 +927,28 @@ def sample_per_class(classes, num_classes, counts, rng):
     return [np.sort(np.concatenate(draw)) for draw in draws]
 
 
+def draw_queries_and_train(count, num_queries, num_train, rng, images):
+    """HashNet's draw: random queries, then random training images among the rest (sorted indices)."""
+    if num_queries + num_train > count:
+        raise PreProcessError(f"--num_queries {num_queries} + --num_train {num_train} exceed the {count} "
+                              f"{images}; lower them")
+    queries = np.sort(rng.choice(count, num_queries, replace=False))
+    train = np.sort(rng.choice(np.setdiff1d(np.arange(count), queries), num_train, replace=False))
+    return queries, train
+
+
+def sample_dhn(labels, names, queries_per_concept, train_per_concept, rng):
+    """DHN's draw: queries per concept, then training images per concept among the non-queries."""
+    everyone = np.ones(len(labels), dtype=bool)
+    queries = sample_per_concept(labels, names, queries_per_concept, everyone, rng, "--num_queries_per_class")
+    is_query = np.zeros(len(labels), dtype=bool)
+    is_query[queries] = True
+    train = sample_per_concept(labels, names, train_per_concept, ~is_query, rng, "--num_train_per_class")
+    return queries, train
+
+
 def sample_per_concept(labels, names, count, allowed, rng, flag):
-    """HashNet's multi-label draw: per concept, ``count`` allowed images having it, none drawn twice."""
+    """Per concept, ``count`` allowed images having it, none drawn twice."""
     drawn = np.zeros(len(labels), dtype=bool)
     for column in range(labels.shape[1]):
         candidates = np.flatnonzero(labels[:, column].astype(bool) & allowed & ~drawn)
@@ -751,16 +1005,24 @@ def dataset_record(args, name, num_labels, splits, root, data_root=None, label_n
             "similar_weight": float(presets["similar_weight"]), "data_root": data_root,
             "sizes": {split: len(splits[split]) for split in SPLITS}, "label_names": label_names,
             "source": {"command": args.command_line, "root": os.path.abspath(root)},
-            "seed": args.seed, "protocol": protocol}
+            "seed": getattr(args, "seed", None), "protocol": protocol}
 
 
 def write_dataset(args, name, lists, record):
     """Write NAME's three list texts and dataset.json, then print the sizes."""
     folder = os.path.join(args.data_dir, name)
+    write_dataset_files(folder, lists, record)
+    print_written(folder, record)
+
+
+def write_dataset_files(folder, lists, record):
     for split in SPLITS:
         write_atomically(os.path.join(folder, f"{split}.txt"), lists[split].encode("utf-8"))
     write_atomically(os.path.join(folder, "dataset.json"),
                      (json.dumps(record, indent=2) + "\n").encode("utf-8"))
+
+
+def print_written(folder, record):
     sizes = ", ".join(f"{split} {count}" for split, count in record["sizes"].items())
     print(f"wrote {folder}: {sizes} ({record['num_labels']} labels)")
 

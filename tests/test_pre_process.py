@@ -1,5 +1,5 @@
-"""pre_process.py: builders on tiny fixtures in the real source formats, the noise and unseen
-protocols, and validate's defect reports."""
+"""pre_process.py: builders on tiny fixtures in the real source formats (each split protocol),
+the noise and unseen protocols, and validate's defect reports."""
 import gzip
 import json
 import os
@@ -239,20 +239,26 @@ def test_cifar10_disjoint_splits(tmp_path):
     assert list_texts(tmp_path / "other", "cifar10")["train"] != first["train"]
 
 
-def test_coco_pools_drops_unlabelled_and_maps_ids(tmp_path):
+@pytest.mark.parametrize("protocol", ["hashnet", "disjoint"])
+def test_coco_pools_drops_unlabelled_and_maps_ids(tmp_path, protocol):
     root, category_ids = make_coco_root(str(tmp_path / "coco"))
     data_dir = tmp_path / "data"
-    flags = ["--root", root, "--num_queries", 3, "--num_train", 4]
+    flags = ["--root", root, "--num_queries", 3, "--num_train", 4, "--protocol", protocol]
     assert run("coco", "--data_dir", data_dir, *flags) == 0
     spec, lists = read_lists(data_dir, "coco_80")
-    assert {s: len(p) for s, (p, _) in lists.items()} == {"train": 4, "test": 3, "database": 17}
+    train, test, database = (set(lists[split][0]) for split in ("train", "test", "database"))
+    assert not train & test
+    if protocol == "hashnet":  # as HashNet's lists: every image but the training ones
+        assert len(database) == 20 - 4 and test <= database and not train & database
+    else:  # every image but the queries
+        assert len(database) == 20 - 3 and train <= database and not test & database
+    assert (len(train), len(test)) == (4, 3)
     assert spec.data_root == os.path.abspath(root) and spec.topk == 5000
-    assert set(lists["train"][0]) <= set(lists["database"][0])
-    assert not set(lists["test"][0]) & set(lists["database"][0])
     assert all(labels.shape[1] == 80 and labels.any(1).all() for _, labels in lists.values())
     assert_images_open(lists)
     info = json.load(open(os.path.join(data_dir, "coco_80", "dataset.json")))
     assert info["label_names"] == [f"cat{cid}" for cid in category_ids]
+    assert info["protocol"] == {"type": protocol}
     # the label columns of one image match its annotations, in sorted id order
     annotations = json.load(open(os.path.join(root, "annotations", "instances_val2014.json")))
     path, row = next((p, r) for p, r in zip(*lists["database"]) if "val2014" in p)
@@ -267,11 +273,26 @@ def test_coco_pools_drops_unlabelled_and_maps_ids(tmp_path):
     assert list_texts(tmp_path / "other", "coco_80") != first
 
 
+def test_coco_protocols_draw_the_same_queries_and_train(tmp_path, capsys):
+    root, _ = make_coco_root(str(tmp_path / "coco"))
+    texts = {}
+    for protocol in ("hashnet", "disjoint"):
+        assert run("coco", "--root", root, "--num_queries", 3, "--num_train", 4, "--protocol", protocol,
+                   "--data_dir", tmp_path / protocol) == 0
+        texts[protocol] = list_texts(tmp_path / protocol, "coco_80")
+    assert texts["hashnet"]["test"] == texts["disjoint"]["test"]
+    assert texts["hashnet"]["train"] == texts["disjoint"]["train"]
+    assert run("coco", "--root", root, "--num_queries", 15, "--num_train", 6, "--data_dir", tmp_path) == 2
+    assert "--num_queries 15 + --num_train 6 exceed the 20 labelled COCO images" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("concepts", [21, 81])
-def test_nuswide_concepts_and_hashnet_sampling(tmp_path, concepts):
+def test_nuswide_dhn_per_concept_sampling(tmp_path, concepts):
     root, labels, names = make_nuswide_root(str(tmp_path / "nuswide"))
     data_dir = tmp_path / "data"
-    flags = ["--root", root, "--concepts", concepts, "--num_queries_per_class", 1, "--num_train_per_class", 1]
+    protocol = [] if concepts == 21 else ["--protocol", "dhn"]  # dhn is the default for 21 concepts
+    flags = ["--root", root, "--concepts", concepts, "--num_queries_per_class", 1, "--num_train_per_class", 1,
+             *protocol]
     assert run("nuswide", "--data_dir", data_dir, *flags) == 0
     name = f"nuswide_{concepts}"
     spec, lists = read_lists(data_dir, name)
@@ -287,7 +308,7 @@ def test_nuswide_concepts_and_hashnet_sampling(tmp_path, concepts):
     assert not set(lists["test"][0]) & set(lists["database"][0])
     assert spec.topk == 5000 and spec.similar_weight == 5.0
     info = json.load(open(os.path.join(data_dir, name, "dataset.json")))
-    assert info["label_names"] == [names[c] for c in columns]
+    assert info["label_names"] == [names[c] for c in columns] and info["protocol"] == {"type": "dhn"}
     assert lists["test"][0][0].startswith(os.path.join(os.path.abspath(root), "images", "concept0"))
     assert_images_open(lists)
     # a listed image carries exactly its concepts from the label files
@@ -296,6 +317,41 @@ def test_nuswide_concepts_and_hashnet_sampling(tmp_path, concepts):
     first = list_texts(data_dir, name)
     assert run("nuswide", "--data_dir", tmp_path / "other", "--seed", 9, *flags) == 0
     assert list_texts(tmp_path / "other", name) != first
+
+
+@pytest.mark.parametrize("concepts", [21, 81])
+def test_nuswide_hashnet_random_draw_keeps_unlabelled_images(tmp_path, concepts):
+    root, labels, _ = make_nuswide_root(str(tmp_path / "nuswide"))
+    data_dir = tmp_path / "data"
+    protocol = ["--protocol", "hashnet"] if concepts == 21 else []  # hashnet is the default for 81
+    assert run("nuswide", "--root", root, "--concepts", concepts, "--num_queries", 20, "--num_train", 40,
+               "--data_dir", data_dir, *protocol) == 0
+    name = f"nuswide_{concepts}"
+    _, lists = read_lists(data_dir, name)
+    train, test, database = (set(lists[split][0]) for split in ("train", "test", "database"))
+    assert (len(train), len(test), len(database)) == (40, 20, 300 - 20)
+    assert train <= database and not test & database  # as HashNet's NUS-WIDE-81 lists
+    columns = (np.arange(81) if concepts == 81
+               else np.sort(np.argsort(-labels.sum(0), kind="stable")[:21]))
+    unlabelled = int((~labels[:, columns].any(1)).sum())
+    assert unlabelled >= 5  # the fixture's first five images have no concept at all
+    zero_rows = sum(int((lists[split][1].sum(1) == 0).sum()) for split in ("test", "database"))
+    assert zero_rows == unlabelled  # every image is a query or in the database, none dropped
+    info = json.load(open(os.path.join(data_dir, name, "dataset.json")))
+    assert info["protocol"] == {"type": "hashnet"}
+
+
+def test_nuswide_refuses_the_size_flags_of_the_other_protocol(tmp_path, capsys):
+    root, _, _ = make_nuswide_root(str(tmp_path / "nuswide"), count=20)
+    flags = ["--root", root, "--data_dir", tmp_path / "d"]
+    assert run("nuswide", "--concepts", 81, "--num_queries_per_class", 1, *flags) == 2
+    assert ("--num_queries_per_class sets a size of --protocol dhn, not of --protocol hashnet"
+            in capsys.readouterr().err)
+    assert run("nuswide", "--concepts", 21, "--num_train", 5, *flags) == 2
+    assert "--num_train sets a size of --protocol hashnet, not of --protocol dhn" in capsys.readouterr().err
+    assert run("nuswide", "--concepts", 81, *flags) == 2
+    assert "--num_queries 5000 + --num_train 10000 exceed the 20 NUS-WIDE images" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "d")
 
 
 def test_nuswide_bad_label_file_names_file_and_line(tmp_path, capsys):
