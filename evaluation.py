@@ -9,6 +9,7 @@ import os
 import numpy as np
 import torch
 
+import code_health
 import data_list
 import metrics
 import plots
@@ -85,9 +86,13 @@ def score_codes(database_codes, database_labels, query_codes, query_labels, radi
     result = metrics.evaluate_retrieval(database_codes, database_labels, query_codes, query_labels,
                                         radius=radius, topk=topk, device=device)
     result.update({"dataset": None, "queries_in_database": None, **(context or {})})
+    result.update(code_health.code_health(torch.as_tensor(database_codes)))
     result["convention"] = "mmhh" if opt_test else "deephash"
     result["headline"] = headline_metric(result, opt_test)
     log_report(result)
+    warning = code_health.collapse_warning(result, result["num_database"], result["hash_bit"])
+    if warning:
+        log.warning("warning: %s", warning)
     if output_dir:
         save_outputs(output_dir, result, database_codes, database_labels, query_codes, query_labels)
     return result
@@ -116,6 +121,8 @@ def log_report(result):
              result["num_database"], result["hash_bit"])
     for name, value in rows:
         log.info("  %-36s %.4f", name, value)
+    log.info("  %-36s %d of %d", "distinct database codes", result["distinct_codes"], result["num_database"])
+    log.info("  %-36s %.4f (0: every bit splits evenly)", "bit balance", result["bit_balance"])
     inside = result["queries_in_database"]
     if inside is not None:
         log.info("  %-36s %d of %d%s", "queries in the database", inside, result["num_queries"],

@@ -17,6 +17,9 @@ from torch import Tensor
 
 DISTANCE_TYPES = ("MMHH", "MMHH_paper", "DCH", "HashNet")
 BATCH_TYPES = ("PairBatch", "BatchInitMem", "SemiMem")
+DCH_DISTANCES = ("cosine", "euclidean")
+# DeepHash's DCH adds this to its squared Euclidean distance, so coincident codes keep a finite loss.
+DEEPHASH_DISTANCE_OFFSET = 0.001
 
 # Above this θ HashNet switches log(1 + e^θ) − sθ for its linear asymptote (HashNet's l_threshold).
 HASHNET_LINEAR_THRESHOLD = 15.0
@@ -62,9 +65,12 @@ class HashingLoss:
     """
 
     def __init__(self, distance_type: str, gamma: float, loss_lambda: float, similar_weight: float | str,
-                 margin: MarginParams, sigmoid_param: float):
+                 margin: MarginParams, sigmoid_param: float, dch_distance: str = "cosine"):
         if distance_type not in DISTANCE_TYPES:
             raise ValueError(f"unknown distance type {distance_type!r}; expected one of {', '.join(DISTANCE_TYPES)}")
+        if dch_distance not in DCH_DISTANCES:
+            raise ValueError(f"unknown DCH distance {dch_distance!r}; expected one of {', '.join(DCH_DISTANCES)}")
+        self.dch_distance = dch_distance
         self.distance_type = distance_type
         self.gamma = gamma
         self.loss_lambda = loss_lambda
@@ -90,7 +96,7 @@ class HashingLoss:
         if self.distance_type == "MMHH_paper":
             return mmhh_paper_pair_loss(h, other_h, similarity, self.similar_weight, self.margin.margin)
         if self.distance_type == "DCH":
-            return dch_pair_loss(h, other_h, similarity, self.gamma, exclude)
+            return dch_pair_loss(h, other_h, similarity, self.gamma, exclude, self.dch_distance)
         return hashnet_pair_loss(h, other_h, similarity, self.sigmoid_param, self.similar_weight)
 
 
@@ -228,13 +234,18 @@ def mmhh_paper_pair_loss(h: Tensor, h_other: Tensor, similarity: Tensor, similar
 
 
 def dch_pair_loss(h: Tensor, h_other: Tensor, similarity: Tensor, gamma: float,
-                  exclude: Tensor | None = None) -> Tensor:
+                  exclude: Tensor | None = None, distance_form: str = "cosine") -> Tensor:
     """Deep Cauchy Hashing: cross-entropy of p = γ / (γ + d).
 
     Over the pairs not in `exclude` (B, N) bool: similar pairs weighted #pairs / #similar, dissimilar 1,
-    and the weighted sum divided by #pairs (0 when every pair is excluded).
+    and the weighted sum divided by #pairs (0 when every pair is excluded). `distance_form` "cosine" is
+    the continuous Hamming distance K/2 (1 − cos); "euclidean" is DeepHash's DCH code: ‖h_i − h_j‖² +
+    0.001, about 4× the Hamming distance on near-binary codes, so the same γ means 4× less there.
     """
-    distance = continuous_hamming(h, h_other)  # (B, N)
+    if distance_form == "euclidean":
+        distance = squared_euclidean(h, h_other) + DEEPHASH_DISTANCE_OFFSET  # (B, N)
+    else:
+        distance = continuous_hamming(h, h_other)  # (B, N)
     similarity = similarity.to(distance.dtype)
     kept = torch.ones_like(similarity, dtype=torch.bool) if exclude is None else ~exclude  # (B, N)
     kept = kept.to(distance.dtype)
@@ -292,6 +303,12 @@ def continuous_hamming(h_a: Tensor, h_b: Tensor, eps: float = 1e-6) -> Tensor:
     """(B, K), (N, K) -> (B, N): K/2 (1 − cos), the Hamming distance on ±1 codes; a zero row gives K/2."""
     cosine = F.normalize(h_a, dim=1, eps=eps) @ F.normalize(h_b, dim=1, eps=eps).T  # (B, N)
     return h_a.shape[1] / 2.0 * (1.0 - cosine)
+
+
+def squared_euclidean(h_a: Tensor, h_b: Tensor) -> Tensor:
+    """(B, K), (N, K) -> (B, N): ‖a − b‖², clamped at 0 against rounding."""
+    squared = (h_a * h_a).sum(1, keepdim=True) - 2 * h_a @ h_b.T + (h_b * h_b).sum(1)
+    return squared.clamp_min(0)
 
 
 def resolve_similar_weight(similar_weight: float | str, similarity: Tensor) -> float:

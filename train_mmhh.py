@@ -14,12 +14,13 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from tensorboardX import SummaryWriter
 
 import checkpoint
+import code_health
 import data_list
 import loss
 import evaluation
@@ -150,6 +151,7 @@ class Run:
     memory: loss.SemiBatchMemory
     device: torch.device
     last_snapshot: str | None = None
+    collapse: code_health.CollapseWatch = field(default_factory=code_health.CollapseWatch)
 
 
 class NonFiniteLoss(CliError):
@@ -325,6 +327,9 @@ def train(run, loader, writer, start):
         for iteration in range(start, args.num_iters):
             images, labels, indices = next(batches)
             parts, h = train_step(run, iteration, images, labels, indices)
+            warning = run.collapse.update(parts["saturated"], parts["bit_balance"], iteration)
+            if warning:
+                log.warning("warning: %s", warning)
             completed = iteration + 1
             if completed % args.print_every == 0 or completed == args.num_iters:
                 speed = (completed - tick_iteration) / (time.perf_counter() - tick)
@@ -351,8 +356,11 @@ def train_step(run, iteration, images, labels, indices):
         h = model(images).float()  # (B, K); the loss and the memory stay in float32
     other_h, other_labels, exclude = run.memory.partner_set(h, labels, indices, iteration)
     parts = run.criterion(h, labels, other_h, other_labels, exclude)
-    # One host synchronisation a step: the non-finite check needs the values.
-    values = dict(zip(parts, torch.stack([value.detach() for value in parts.values()]).tolist()))
+    saturated, bit_balance = code_health.batch_health(h.detach())
+    monitored = {**{name: value.detach() for name, value in parts.items()}, "saturated": saturated,
+                 "bit_balance": bit_balance}
+    # One host synchronisation a step: the non-finite check and the collapse watch need the values.
+    values = dict(zip(monitored, torch.stack(list(monitored.values())).tolist()))
     if not all(math.isfinite(value) for value in values.values()):
         raise NonFiniteLoss(f"iteration {iteration}: the loss is not finite (total {values['total']}, pair "
                             f"{values['pair']}, quantization {values['quantization']}); stopped before the "
@@ -370,9 +378,10 @@ def log_progress(run, writer, iteration, parts, h, speed):
     args = run.args
     momentum = run.memory.momentum(iteration) if run.memory.uses_memory(iteration) else 0.0
     remaining = (args.num_iters - iteration - 1) / max(speed, 1e-9)
-    log.info("iter %05d/%05d  loss %.4f (pair %.4f, quant %.4f)  lr %.2e  momentum %.3f  %.2f it/s  eta %s",
-             iteration + 1, args.num_iters, parts["total"], parts["pair"], parts["quantization"], parts["lr"],
-             momentum, speed, _duration(remaining))
+    log.info("iter %05d/%05d  loss %.4f (pair %.4f, quant %.4f)  lr %.2e  momentum %.3f  saturated %.1f%%  "
+             "bit balance %.2f  %.2f it/s  eta %s", iteration + 1, args.num_iters, parts["total"], parts["pair"],
+             parts["quantization"], parts["lr"], momentum, 100 * parts["saturated"], parts["bit_balance"], speed,
+             _duration(remaining))
     step = iteration + 1
     writer.add_scalar("Train/loss", parts["total"], step)
     writer.add_scalar("Train/pair_loss", parts["pair"], step)
@@ -380,6 +389,8 @@ def log_progress(run, writer, iteration, parts, h, speed):
     writer.add_scalar("Train/lr", parts["lr"], step)
     writer.add_scalar("Train/memory_momentum", momentum, step)
     writer.add_scalar("Train/continuation_scale", run.model.scale.item(), step)
+    writer.add_scalar("Train/saturated_fraction", parts["saturated"], step)
+    writer.add_scalar("Train/bit_balance", parts["bit_balance"], step)
     writer.add_histogram("Train/code_values", h.float().cpu().numpy(), step)
 
 

@@ -202,6 +202,21 @@ def test_dch_without_exclusion_matches_hand_computation():
     assert dch_pair_loss(t(H), t(O), s, gamma=2.0).item() == pytest.approx(total / len(pairs), rel=1e-12)
 
 
+def test_dch_euclidean_form_matches_deephash_by_hand():
+    # DeepHash's DCH: d = ||h_i - h_j||^2 + 0.001, the same cross-entropy and weights.
+    pairs = [(sum((x - y) ** 2 for x, y in zip(a, b)) + 0.001, int(any(p and q for p, q in zip(la, lb))))
+             for a, la in zip(H, L) for b, lb in zip(O, LO)]
+    similar_weight = len(pairs) / sum(s for _, s in pairs)
+    total = sum(similar_weight * -math.log(20 / (20 + d)) if s else -math.log(1 - 20 / (20 + d)) for d, s in pairs)
+    s = label_similarity(t(L), t(LO))
+    loss = dch_pair_loss(t(H), t(O), s, gamma=20.0, distance_form="euclidean")
+    assert loss.item() == pytest.approx(total / len(pairs), rel=1e-12)
+    criterion = HashingLoss("DCH", 20.0, 0.0, 1.0, MarginParams(), 1.0, dch_distance="euclidean")
+    assert criterion(t(H), t(L), t(O), t(LO))["pair"].item() == pytest.approx(loss.item(), rel=1e-12)
+    with pytest.raises(ValueError, match="unknown DCH distance"):
+        HashingLoss("DCH", 20.0, 0.0, 1.0, MarginParams(), 1.0, dch_distance="manhattan")
+
+
 def test_dch_is_finite_for_coincident_dissimilar_codes():
     h = t([[0.5, -0.5], [0.5, -0.5]]).requires_grad_()
     loss = dch_pair_loss(h, h, t([[1, 0], [0, 1]]), gamma=2.0, exclude=torch.eye(2, dtype=torch.bool))
