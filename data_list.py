@@ -18,6 +18,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms
 
 SPLITS = ("train", "test", "database")
+# The validation queries that `pre_process.py val` carves out of the training images, for tuning.
+VAL_SPLIT = "val"
 
 # R of MAP@TopK (-1: the whole database) and the similar-pair weight of each known dataset.
 PRESETS = {
@@ -76,9 +78,9 @@ def resolve_dataset(name, data_dir="data", train_list=None, test_list=None, data
     if os.path.isfile(info_path):
         info.update(_read_dataset_json(info_path, folder))
         presets_from = "dataset.json"
-    elif presets_from == "default" and not os.path.isdir(folder) and not all(overrides[s] for s in needs):
+    elif presets_from == "default" and not os.path.isdir(folder) and not all(overrides.get(s) for s in needs):
         raise DataError(unknown_dataset_message(name, data_dir, needs))
-    lists = {split: overrides[split] or os.path.join(folder, f"{split}.txt") for split in SPLITS}
+    lists = {split: overrides.get(split) or os.path.join(folder, f"{split}.txt") for split in (*SPLITS, VAL_SPLIT)}
     return DatasetSpec(name=name, lists=lists, data_root=data_root or info.get("data_root"),
                        topk=int(info["topk"]), similar_weight=float(info["similar_weight"]),
                        folder=folder, presets_from=presets_from)
@@ -89,6 +91,9 @@ def require_list(spec, split):
     path = spec.lists[split]
     if os.path.isfile(path):
         return path
+    if split == VAL_SPLIT:
+        raise DataError(f"missing validation list {path} for dataset '{spec.name}'; carve one out of the "
+                        f"training images with: python pre_process.py val --dataset {spec.name} --size N")
     command = BUILD_COMMANDS.get(spec.name, f"python pre_process.py --help  # or pass --{split}_list FILE")
     raise DataError(f"missing {split} list {path} for dataset '{spec.name}'; build it with: {command}")
 
@@ -103,7 +108,7 @@ def available_datasets(data_dir="data"):
 
 def unknown_dataset_message(name, data_dir, needs=SPLITS):
     built = ", ".join(available_datasets(data_dir)) or "none"
-    flags = "/".join(f"--{split}_list" for split in needs)
+    flags = "/".join(f"--{split}_list" for split in needs if split in SPLITS)
     return (f"unknown dataset '{name}': no folder {os.path.join(data_dir, name)}. "
             f"Built under {data_dir}/: {built}. Known names: {', '.join(PRESETS)}. "
             f"Build one with pre_process.py (e.g. `{BUILD_COMMANDS['fashion_mnist']}`), "

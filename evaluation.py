@@ -41,24 +41,36 @@ def log_default_presets(spec, **flags):
         log.info("dataset '%s' has no dataset.json and no preset: %s", spec.name, "; ".join(defaulted))
 
 
-def evaluate_model(model, spec, args, device, output_dir=None):
-    """Encode ``spec``'s database and queries with ``model`` and score them; returns the metrics dict."""
-    codes, paths = {}, {}
-    for split in ("database", "test"):
-        dataset = evaluation_dataset(spec, split, args)
+def evaluate_model(model, spec, args, device, output_dir=None, query_split="test"):
+    """Encode ``spec``'s database and queries with ``model`` and score them; returns the metrics dict.
+
+    ``query_split`` "val" scores the validation queries; they are training images, so any of them in
+    the database list is left out of the database, and no query finds itself.
+    """
+    queries = evaluation_dataset(spec, query_split, args)
+    leave_out = set()
+    if query_split == data_list.VAL_SPLIT:
+        leave_out = set(map(_normalised, data_list.read_checked_list(spec, query_split)[0]))
+    database = evaluation_dataset(spec, "database", args, leave_out)
+    codes = {}
+    for split, dataset in (("database", database), (query_split, queries)):
         loader = data_list.evaluation_loader(dataset, args.batch_size, args.workers)
         codes[split] = encode(model, loader, device, description=f"encoding {split}", amp=args.amp)
-        paths[split] = dataset.paths
     topk = args.topk if args.topk is not None else spec.topk
-    context = {"dataset": spec.name,
-               "queries_in_database": count_queries_in_database(paths["test"], paths["database"])}
-    return score_codes(*codes["database"], *codes["test"], args.radius, topk, args.opt_test, device,
+    context = {"dataset": spec.name, "query_split": query_split,
+               "queries_in_database": count_queries_in_database(queries.paths, database.paths)}
+    return score_codes(*codes["database"], *codes[query_split], args.radius, topk, args.opt_test, device,
                        output_dir, context)
 
 
-def evaluation_dataset(spec, split, args):
-    """The images of one evaluation list, sampled by --test_sample_ratio (seeded)."""
+def evaluation_dataset(spec, split, args, leave_out=frozenset()):
+    """The images of one evaluation list but ``leave_out``, sampled by --test_sample_ratio (seeded)."""
     paths, labels = data_list.read_checked_list(spec, split)
+    if leave_out:
+        kept = [i for i, path in enumerate(paths) if _normalised(path) not in leave_out]
+        log.info("%s: %d of its %d items are validation queries and are left out for this evaluation", split,
+                 len(paths) - len(kept), len(paths))
+        paths, labels = [paths[i] for i in kept], labels[kept]
     kept = data_list.sample_items(len(paths), args.test_sample_ratio, args.seed)
     if len(kept) < len(paths):
         log.info("%s: evaluating %d of %d items (--test_sample_ratio %g, seed %d)", split, len(kept),
@@ -69,8 +81,9 @@ def evaluation_dataset(spec, split, args):
 
 def count_queries_in_database(query_paths, database_paths):
     """How many queries are database images too (same file): each finds itself at distance 0."""
-    database = {os.path.normpath(os.path.abspath(path)) for path in database_paths}
-    return sum(os.path.normpath(os.path.abspath(path)) in database for path in query_paths)
+    database = set(map(_normalised, database_paths))
+    return sum(_normalised(path) in database for path in query_paths)
+
 
 
 def score_codes(database_codes, database_labels, query_codes, query_labels, radius, topk, opt_test,
@@ -85,7 +98,7 @@ def score_codes(database_codes, database_labels, query_codes, query_labels, radi
         topk = -1
     result = metrics.evaluate_retrieval(database_codes, database_labels, query_codes, query_labels,
                                         radius=radius, topk=topk, device=device)
-    result.update({"dataset": None, "queries_in_database": None, **(context or {})})
+    result.update({"dataset": None, "query_split": "test", "queries_in_database": None, **(context or {})})
     result.update(code_health.code_health(torch.as_tensor(database_codes)))
     result["convention"] = "mmhh" if opt_test else "deephash"
     result["headline"] = headline_metric(result, opt_test)
@@ -181,6 +194,10 @@ def _check_codes(array, path):
     if array.size and np.isin(array, (0, 1)).all() and (array == 0).any():
         raise UsageError(f"{path} holds 0/1 bits, but codes are read as signs (0 would count as +1, so every "
                          "bit would be +1); save the network's continuous outputs or +-1 codes (2 * bits - 1)")
+
+
+def _normalised(path):
+    return os.path.normpath(os.path.abspath(path))
 
 
 def _save_npy(path, array):

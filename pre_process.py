@@ -200,6 +200,16 @@ def parse_args(argv):
     sub.add_argument("--overwrite", action="store_true",
                      help="replace an existing DATA_DIR/NAME (only once the new one is complete)")
 
+    sub = command("val", carve_validation, [data, seeded], "carve a validation list out of a dataset's training list",
+                  "Move a seeded random choice of --size lines (or --ratio of them) from DATA_DIR/NAME/"
+                  "train.txt into DATA_DIR/NAME/val.txt, lines and their order kept, so the two lists "
+                  "are disjoint; dataset.json records it. train_mmhh.py --eval_split val then scores "
+                  "on these queries: tune on them, never on the test queries you report.")
+    sub.add_argument("--dataset", required=True, help="name of a built dataset under DATA_DIR")
+    size = sub.add_mutually_exclusive_group(required=True)
+    size.add_argument("--size", type=positive_int, help="number of training lines to move")
+    size.add_argument("--ratio", type=fraction, help="fraction of the training lines to move")
+
     sub = command("validate", validate, [data, workers], "check a dataset's lists and images",
                   "Check lists: every line parses (a format error stops that list at its first bad "
                   "line), label widths agree across the lists (unseen protocol: test and database), "
@@ -389,6 +399,35 @@ def build_unseen(args):
     write_dataset(args, name, lists, child_record(
         args, name, spec, record, children, len(unseen),
         [names[c] for c in unseen] if names else None, protocol))
+    return 0
+
+
+def carve_validation(args):
+    """Move a seeded choice of training lines into val.txt; train.txt keeps the others."""
+    spec = resolve_dataset(args.dataset, args.data_dir)
+    train_path, val_path = require_list(spec, "train"), spec.lists["val"]
+    if os.path.exists(val_path):
+        raise PreProcessError(f"{val_path} already exists; the training list is already carved (put its lines "
+                              "back into train.txt, or rebuild the dataset, to carve again)")
+    read_list(train_path, None)  # a clear file:line error before anything moves
+    with open(train_path, encoding="utf-8") as handle:
+        lines = [line if line.endswith("\n") else line + "\n" for line in handle if line.strip()]
+    size = args.size if args.size is not None else round(args.ratio * len(lines))
+    if not 1 <= size < len(lines):
+        raise PreProcessError(f"a validation list of {size} lines out of {len(lines)} training lines leaves no "
+                              "training or no validation line; choose --size between 1 and "
+                              f"{len(lines) - 1}")
+    chosen = np.zeros(len(lines), dtype=bool)
+    chosen[np.random.default_rng(args.seed).choice(len(lines), size, replace=False)] = True
+    record = read_dataset_json(spec.folder)
+    record.setdefault("sizes", {}).update({"train": int((~chosen).sum()), "val": size})
+    record["val"] = {"size": size, "carved_from_train_lines": len(lines), "seed": args.seed,
+                     "command": args.command_line}
+    # val.txt first: until train.txt is replaced an interrupted run leaves both, and a rerun refuses
+    write_atomically(val_path, "".join(l for l, c in zip(lines, chosen) if c).encode("utf-8"))
+    write_atomically(os.path.join(spec.folder, "dataset.json"), (json.dumps(record, indent=2) + "\n").encode("utf-8"))
+    write_atomically(train_path, "".join(l for l, c in zip(lines, chosen) if not c).encode("utf-8"))
+    print(f"wrote {val_path}: {size} validation lines; {train_path} keeps {len(lines) - size}")
     return 0
 
 

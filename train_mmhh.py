@@ -25,6 +25,7 @@ import data_list
 import loss
 import evaluation
 import network
+import recipes
 from runtime import (CliError, UsageError, autocast, run_cli, seed_everything, select_device, setup_logging,
                      str2bool)
 
@@ -75,6 +76,9 @@ def build_parser():
     run.add_argument("--mission", default="Hashing", choices=["Hashing"], help="kept from the release")
 
     model = parser.add_argument_group("network")
+    model.add_argument("--recipe", default=None, choices=list(recipes.RECIPES),
+                       help="apply a method's published loss and optimisation flags (README: Reproducing the "
+                            "comparison); flags given explicitly win")
     model.add_argument("--image_network", default="AlexNetFc", choices=list(network.BACKBONES),
                        help="backbone family (default AlexNetFc)")
     model.add_argument("--backbone", default=None,
@@ -97,6 +101,9 @@ def build_parser():
                            help="pair loss: MMHH (as released), MMHH_paper (reconstructed paper form), DCH, "
                                 "HashNet ('Hamming' is the release's name for HashNet)")
     objective.add_argument("--gamma", type=float, default=1.0, help="γ of the MMHH/DCH probability (default 1)")
+    objective.add_argument("--dch_distance", default="cosine", choices=list(loss.DCH_DISTANCES),
+                           help="DCH's distance: cosine (continuous Hamming, K/2 (1 - cos)) or euclidean "
+                                "(squared, as DeepHash's code; the same γ means about 4x less there)")
     objective.add_argument("--loss_lambda", type=float, default=0.1, help="λ of the quantization loss (default 0.1)")
     objective.add_argument("--sigmoid_param", type=float, default=1.0, help="HashNet's inner-product scale")
     objective.add_argument("--similar_weight_type", "--similar_weight", dest="similar_weight_type", default="config",
@@ -131,6 +138,10 @@ def build_parser():
                             help="Hamming radius r: report MAP@H<=r when r > 0, else MAP@TopK")
     evaluation_flags.add_argument("--opt-test", dest="opt_test", type=str2bool, nargs="?", const=True, default=False,
                             help="headline in the release's 'mmhh' convention (empty balls left out)")
+    evaluation_flags.add_argument("--eval_split", default="test", choices=["test", "val"],
+                                  help="queries of the final evaluation: test (the reported queries) or val "
+                                       "(data/NAME/val.txt, carved from the training images by pre_process.py "
+                                       "val; tune on it, never on the queries you report)")
     evaluation_flags.add_argument("--test_sample_ratio", type=float, default=1.0,
                             help="evaluate a seeded random fraction of each list (release: unseeded 0.1)")
     evaluation_flags.add_argument("--topk", type=int, default=None, help="R of MAP@TopK (default: the dataset's)")
@@ -163,8 +174,11 @@ def main(argv=None):
     resumed = checkpoint.load_snapshot(args.resume) if args.resume else None
     if resumed:
         args = resumed_args(args, explicit, resumed["args"], args.resume)
+    recipe = recipes.apply_recipe(args, explicit) if args.recipe and not resumed else []
     finish_args(args)
     setup_logging(args.log_dir, args.annotation)
+    for flag, value, source in recipe:
+        log.info("recipe %s: --%s %s (%s)", args.recipe, flag, value, source)
     device = select_device(args.gpu_id)
     seed_everything(args.seed)
 
@@ -172,13 +186,13 @@ def main(argv=None):
                                        data_root=args.data_root, needs=("train",))
     target = data_list.resolve_dataset(args.t_dataset, args.data_dir, test_list=args.test_list,
                                        database_list=args.database_list, data_root=args.data_root,
-                                       needs=("test", "database"))
+                                       needs=(args.eval_split, "database"))
     evaluation.log_default_presets(source, similar_weight=args.similar_weight_type)
     evaluation.log_default_presets(target, topk=args.topk)
     if args.check:
         return check_everything(args, source, target)
     train_paths, train_labels = data_list.read_checked_list(source, "train")
-    for split in ("test", "database"):  # fail now, not after hours of training
+    for split in (args.eval_split, "database"):  # fail now, not after hours of training
         data_list.read_checked_list(target, split)
 
     run = build_run(args, source, train_labels, device)
@@ -257,7 +271,8 @@ def build_run(args, source, train_labels, device):
     # As released, HashNet's continuation comes without the quantization loss.
     loss_lambda = 0.0 if args.image_loss_type == "HashNet" else args.loss_lambda
     criterion = loss.HashingLoss(args.distance_type, args.gamma, loss_lambda, similar_weight,
-                                 loss.parse_margin_params(args.margin_params), args.sigmoid_param)
+                                 loss.parse_margin_params(args.margin_params), args.sigmoid_param,
+                                 args.dch_distance)
     groups = model.parameter_groups()
     optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=0.9, weight_decay=args.weight_decay, nesterov=True)
     memory = loss.SemiBatchMemory(len(train_labels), args.hash_bit, train_labels.shape[1], args.batch_type,
@@ -410,7 +425,7 @@ def evaluate(run, target, writer):
     """The release's final evaluation: encode the test and database lists and score them."""
     args = run.args
     output_dir = os.path.join(args.test_output_dir, f"{args.annotation}_iter_{args.num_iters:05d}")
-    result = evaluation.evaluate_model(run.model, target, args, run.device, output_dir)
+    result = evaluation.evaluate_model(run.model, target, args, run.device, output_dir, args.eval_split)
     for key, value in result.items():
         if isinstance(value, float):
             writer.add_scalar(f"Test/{key}", value, args.num_iters)
@@ -420,7 +435,7 @@ def evaluate(run, target, writer):
 
 def check_everything(args, source, target):
     """--check: every list parses, every image opens, the network and its weights can be built."""
-    for spec, split in ((source, "train"), (target, "test"), (target, "database")):
+    for spec, split in ((source, "train"), (target, args.eval_split), (target, "database")):
         paths, _ = data_list.verify_list_images(data_list.require_list(spec, split), spec.data_root)
         print(f"{split}: {spec.lists[split]}: {len(paths)} images, all open")
     if args.pre_model_path:
