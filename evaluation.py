@@ -14,7 +14,7 @@ import data_list
 import metrics
 import plots
 from network import encode
-from runtime import UsageError, atomic_write
+from runtime import UsageError, atomic_write, write_text_atomically
 
 log = logging.getLogger("mmhh")
 
@@ -148,8 +148,7 @@ def save_outputs(output_dir, result, database_codes, database_labels, query_code
     arrays = dict(zip(CODE_FILES, (database_codes, database_labels, query_codes, query_labels)))
     for name, array in arrays.items():
         atomic_write(os.path.join(output_dir, f"{name}.npy"), lambda tmp, a=array: _save_npy(tmp, a))
-    atomic_write(os.path.join(output_dir, "metrics.json"),
-                 lambda tmp: _write_text(tmp, json.dumps(result, indent=1)))
+    write_text_atomically(os.path.join(output_dir, "metrics.json"), json.dumps(result, indent=1))
     written = plots.save_retrieval_plots(result, output_dir)
     log.info("saved codes, labels, metrics.json and %d plots to %s", len(written), output_dir)
 
@@ -203,8 +202,3 @@ def _normalised(path):
 def _save_npy(path, array):
     with open(path, "wb") as handle:
         np.save(handle, np.asarray(array))
-
-
-def _write_text(path, text):
-    with open(path, "w", encoding="utf-8") as handle:
-        handle.write(text)

@@ -58,6 +58,21 @@ def save_retrieval_plots(metrics, out_dir):
     return paths
 
 
+def save_map_vs_bits(series, out_dir, name="map_vs_bits.png", ylabel="MAP@H<=2 (deephash)"):
+    """One line per method: ``series`` maps a method to [(bits, mean, std)], plotted with error bars."""
+    fig = Figure(figsize=(6.4, 4.8))
+    ax = fig.add_subplot()
+    for method, points in series.items():
+        bits, means, stds = zip(*sorted(points)) if points else ((), (), ())
+        ax.errorbar(bits, means, yerr=stds, marker="o", capsize=3, label=method)
+    all_bits = sorted({bits for points in series.values() for bits, _, _ in points})
+    ax.set_xticks(all_bits)
+    ax.set(xlabel="code length (bits)", ylabel=ylabel, ylim=(-0.02, 1.02),
+           title=f"{ylabel} against code length (mean and std over seeds)")
+    ax.legend(fontsize="small")
+    return _save(fig, out_dir, name)
+
+
 def _save(fig, out_dir, name):
     """Save fig as out_dir/name through a temporary file so that a reader never sees half a PNG."""
     for ax in fig.axes:

@@ -95,3 +95,20 @@ def atomic_write(path, write):
     finally:
         if os.path.exists(tmp_path):
             os.remove(tmp_path)
+
+
+def write_text_atomically(path, text):
+    """Write ``text`` (UTF-8) to ``path`` through ``atomic_write``."""
+    def write(tmp_path):
+        with open(tmp_path, "w", encoding="utf-8") as handle:
+            handle.write(text)
+    atomic_write(path, write)
+
+
+def format_duration(seconds):
+    """42s, 3m07s or 2h05m."""
+    minutes, seconds = divmod(int(seconds), 60)
+    if minutes == 0:
+        return f"{seconds}s"
+    return f"{minutes}m{seconds:02d}s" if minutes < 60 else f"{minutes // 60}h{minutes % 60:02d}m"
+

@@ -26,8 +26,8 @@ import loss
 import evaluation
 import network
 import recipes
-from runtime import (CliError, UsageError, autocast, run_cli, seed_everything, select_device, setup_logging,
-                     str2bool)
+from runtime import (CliError, UsageError, autocast, format_duration, run_cli, seed_everything, select_device,
+                     setup_logging, str2bool)
 
 log = logging.getLogger("mmhh")
 
@@ -396,7 +396,7 @@ def log_progress(run, writer, iteration, parts, h, speed):
     log.info("iter %05d/%05d  loss %.4f (pair %.4f, quant %.4f)  lr %.2e  momentum %.3f  saturated %.1f%%  "
              "bit balance %.2f  %.2f it/s  eta %s", iteration + 1, args.num_iters, parts["total"], parts["pair"],
              parts["quantization"], parts["lr"], momentum, 100 * parts["saturated"], parts["bit_balance"], speed,
-             _duration(remaining))
+             format_duration(remaining))
     step = iteration + 1
     writer.add_scalar("Train/loss", parts["total"], step)
     writer.add_scalar("Train/pair_loss", parts["pair"], step)
@@ -458,10 +458,6 @@ def deferred_stop_signals():
         for signum, handler in previous.items():
             signal.signal(signum, handler)
 
-
-def _duration(seconds):
-    minutes, seconds = divmod(int(seconds), 60)
-    return f"{minutes}m{seconds:02d}s" if minutes < 60 else f"{minutes // 60}h{minutes % 60:02d}m"
 
 
 if __name__ == "__main__":
