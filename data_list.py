@@ -55,7 +55,7 @@ class DataError(ValueError):
 class DatasetSpec:
     """Where a dataset's three lists are and how it is scored."""
     name: str
-    lists: dict            # split -> list file path
+    lists: dict            # split -> list file path; "val" only when the folder has val.txt
     data_root: str | None  # None: image paths relative to each list's folder
     topk: int              # R of MAP@TopK; -1 means the whole database
     similar_weight: float  # the similar-pair weight preset
@@ -80,7 +80,9 @@ def resolve_dataset(name, data_dir="data", train_list=None, test_list=None, data
         presets_from = "dataset.json"
     elif presets_from == "default" and not os.path.isdir(folder) and not all(overrides.get(s) for s in needs):
         raise DataError(unknown_dataset_message(name, data_dir, needs))
-    lists = {split: overrides.get(split) or os.path.join(folder, f"{split}.txt") for split in (*SPLITS, VAL_SPLIT)}
+    lists = {split: overrides.get(split) or os.path.join(folder, f"{split}.txt") for split in SPLITS}
+    if os.path.isfile(os.path.join(folder, f"{VAL_SPLIT}.txt")):
+        lists[VAL_SPLIT] = os.path.join(folder, f"{VAL_SPLIT}.txt")
     return DatasetSpec(name=name, lists=lists, data_root=data_root or info.get("data_root"),
                        topk=int(info["topk"]), similar_weight=float(info["similar_weight"]),
                        folder=folder, presets_from=presets_from)
@@ -88,7 +90,7 @@ def resolve_dataset(name, data_dir="data", train_list=None, test_list=None, data
 
 def require_list(spec, split):
     """The path of ``split``'s list, or a DataError saying how to build it."""
-    path = spec.lists[split]
+    path = spec.lists.get(split, os.path.join(spec.folder, f"{split}.txt"))
     if os.path.isfile(path):
         return path
     if split == VAL_SPLIT:

@@ -209,6 +209,9 @@ def parse_args(argv):
     size = sub.add_mutually_exclusive_group(required=True)
     size.add_argument("--size", type=positive_int, help="number of training lines to move")
     size.add_argument("--ratio", type=fraction, help="fraction of the training lines to move")
+    sub.add_argument("--into", default=None, metavar="NEW",
+                     help="leave NAME as it is and write the carved dataset as DATA_DIR/NEW (its images "
+                          "stay where NAME's are)")
 
     sub = command("validate", validate, [data, workers], "check a dataset's lists and images",
                   "Check lists: every line parses (a format error stops that list at its first bad "
@@ -403,12 +406,19 @@ def build_unseen(args):
 
 
 def carve_validation(args):
-    """Move a seeded choice of training lines into val.txt; train.txt keeps the others."""
+    """Move a seeded choice of training lines into val.txt; train.txt keeps the others.
+
+    With --into NEW the parent stays as it is: NEW gets the carved lists, the parent's test and database
+    lists, and a dataset.json whose data_root points at the parent's images.
+    """
     spec = resolve_dataset(args.dataset, args.data_dir)
-    train_path, val_path = require_list(spec, "train"), spec.lists["val"]
-    if os.path.exists(val_path):
-        raise PreProcessError(f"{val_path} already exists; the training list is already carved (put its lines "
-                              "back into train.txt, or rebuild the dataset, to carve again)")
+    train_path = require_list(spec, "train")
+    folder = os.path.join(args.data_dir, args.into) if args.into else spec.folder
+    if args.into and os.path.lexists(folder):
+        raise PreProcessError(f"{folder} already exists; choose another --into")
+    if os.path.exists(os.path.join(folder, "val.txt")):
+        raise PreProcessError(f"{os.path.join(folder, 'val.txt')} already exists; the training list is already "
+                              "carved (rebuild the dataset, or carve a copy with --into NEW)")
     read_list(train_path, None)  # a clear file:line error before anything moves
     with open(train_path, encoding="utf-8") as handle:
         lines = [line if line.endswith("\n") else line + "\n" for line in handle if line.strip()]
@@ -420,14 +430,20 @@ def carve_validation(args):
     chosen = np.zeros(len(lines), dtype=bool)
     chosen[np.random.default_rng(args.seed).choice(len(lines), size, replace=False)] = True
     record = read_dataset_json(spec.folder)
+    if args.into:
+        record.update(name=args.into, data_root=os.path.relpath(spec.data_root or spec.folder, folder))
+        os.makedirs(folder)
+        for split in ("test", "database"):
+            shutil.copyfile(require_list(spec, split), os.path.join(folder, f"{split}.txt"))
     record.setdefault("sizes", {}).update({"train": int((~chosen).sum()), "val": size})
-    record["val"] = {"size": size, "carved_from_train_lines": len(lines), "seed": args.seed,
-                     "command": args.command_line}
+    record["val"] = {"size": size, "carved_from": train_path, "carved_from_lines": len(lines),
+                     "seed": args.seed, "command": args.command_line}
     # val.txt first: until train.txt is replaced an interrupted run leaves both, and a rerun refuses
-    write_atomically(val_path, "".join(l for l, c in zip(lines, chosen) if c).encode("utf-8"))
-    write_atomically(os.path.join(spec.folder, "dataset.json"), (json.dumps(record, indent=2) + "\n").encode("utf-8"))
-    write_atomically(train_path, "".join(l for l, c in zip(lines, chosen) if not c).encode("utf-8"))
-    print(f"wrote {val_path}: {size} validation lines; {train_path} keeps {len(lines) - size}")
+    write_atomically(os.path.join(folder, "val.txt"), "".join(l for l, c in zip(lines, chosen) if c).encode())
+    write_atomically(os.path.join(folder, "dataset.json"), (json.dumps(record, indent=2) + "\n").encode())
+    write_atomically(os.path.join(folder, "train.txt"), "".join(l for l, c in zip(lines, chosen) if not c).encode())
+    print(f"wrote {os.path.join(folder, 'val.txt')}: {size} validation lines; {folder}/train.txt keeps "
+          f"{len(lines) - size}")
     return 0
 
 
@@ -639,7 +655,7 @@ def validation_targets(args):
 
 def width_defects(parsed, lists, protocol):
     """Lists whose label width differs from the first list of their group."""
-    groups = [["train"], ["test", "database"]] if protocol == "unseen" else [list(lists)]
+    groups = [["train", "val"], ["test", "database"]] if protocol == "unseen" else [list(lists)]
     defects = []
     for group in groups:
         present = [name for name in group if name in parsed]

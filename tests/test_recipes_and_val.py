@@ -58,6 +58,18 @@ def test_val_is_carved_out_of_train_seeded_and_recorded(tmp_path, tiny_data):
     assert (again / "tiny" / "val.txt").read_text() == (folder / "val.txt").read_text()  # seeded
 
 
+def test_val_into_a_copy_leaves_the_parent_untouched(tmp_path, tiny_data):
+    parent = {name: (tiny_data / "tiny" / name).read_text() for name in ("train.txt", "test.txt", "database.txt")}
+    assert carve(tmp_path, tiny_data, "--size", "4", "--into", "tiny_tune") == 0
+    assert {name: (tiny_data / "tiny" / name).read_text() for name in parent} == parent
+    assert not (tiny_data / "tiny" / "val.txt").exists()
+    child = tiny_data / "tiny_tune"
+    assert len((child / "val.txt").read_text().splitlines()) == 4
+    assert (child / "test.txt").read_text() == parent["test.txt"]
+    assert pre_process.main(["validate", "--dataset", "tiny_tune", "--data_dir", str(tiny_data)]) == 0
+    assert carve(tmp_path, tiny_data, "--size", "4", "--into", "tiny_tune") == 2
+
+
 def test_val_refuses_to_carve_twice_or_too_much(tmp_path, tiny_data, capsys):
     assert carve(tmp_path, tiny_data, "--size", "24") == 2
     assert "leaves no training or no validation line" in capsys.readouterr().err
