@@ -1,4 +1,5 @@
 """Snapshots: tensors and plain data only, written atomically, loadable with weights_only=True."""
+import glob
 import os
 import random
 
@@ -6,19 +7,59 @@ import numpy as np
 import torch
 
 from network import build_network
-from runtime import UsageError, atomic_write
+from runtime import CliError, UsageError, atomic_write
 
 FORMAT = "mmhh-snapshot/1"
 
 
+class SnapshotWriteError(CliError):
+    """A snapshot could not be written (disk full, no permission); the previous one is intact."""
+
+
+def snapshot_prefix(args):
+    """``<snap_path><annotation>_<s_dataset>_<t_dataset>_iter_``: every snapshot of a run starts so."""
+    return f"{args.snap_path}{args.annotation}_{args.s_dataset}_{args.t_dataset}_iter_"
+
+
 def snapshot_path(args, iteration):
     """``<snap_path><annotation>_<s_dataset>_<t_dataset>_iter_<NNNNN>``, no extension, as released."""
-    return f"{args.snap_path}{args.annotation}_{args.s_dataset}_{args.t_dataset}_iter_{iteration:05d}"
+    return f"{snapshot_prefix(args)}{iteration:05d}"
+
+
+def existing_snapshots(args):
+    """{iteration: path} of the run's snapshots on disk."""
+    prefix = snapshot_prefix(args)
+    found = {}
+    for path in glob.glob(glob.escape(prefix) + "*"):
+        suffix = path[len(prefix):]
+        if suffix.isdigit():
+            found[int(suffix)] = path
+    return found
+
+
+def prune_snapshots(args, keep, protected):
+    """Remove the run's older snapshots, keeping the newest ``keep`` and every path in ``protected``."""
+    removable = [path for _, path in sorted(existing_snapshots(args).items()) if path not in protected]
+    doomed = removable[:len(removable) - keep] if keep > 0 else removable
+    for path in doomed:
+        os.remove(path)
+    return doomed
 
 
 def save_snapshot(path, state):
-    """Write ``state`` (a dict of tensors and plain data) to ``path`` via a temporary file."""
-    atomic_write(path, lambda tmp_path: torch.save({"format": FORMAT, **state}, tmp_path))
+    """Write ``state`` (a dict of tensors and plain data) to ``path`` atomically.
+
+    A disk that is full or a folder without permission raise SnapshotWriteError naming the path; what
+    was at ``path`` before, and every other snapshot, stays as it was.
+    """
+    try:
+        atomic_write(path, lambda stream: torch.save({"format": FORMAT, **state}, stream))
+    except OSError as error:
+        raise SnapshotWriteError(f"cannot write snapshot {path} ({error.strerror or error})") from None
+    except RuntimeError as error:  # torch reports a failed write of its archive as a RuntimeError
+        if "write" not in str(error).lower():
+            raise
+        raise SnapshotWriteError(f"cannot write snapshot {path} ({error})") from None
 
 
 def load_snapshot(path, map_location="cpu"):
@@ -64,8 +105,10 @@ def restore_rng_state(state):
     np.random.set_state(("MT19937", numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
                          numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    # A snapshot from a machine with more GPUs restores the generators of the GPUs this one has.
+    if torch.cuda.is_available():
+        for index, cuda_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, index)
 
 
 def model_from_snapshot(snapshot):

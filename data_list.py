@@ -8,6 +8,7 @@ optional ``dataset.json`` (written by ``pre_process.py``) with its retrieval pre
 import json
 import os
 import random
+import re
 import signal
 from dataclasses import dataclass
 
@@ -16,6 +17,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms
+
+from runtime import CliError
 
 SPLITS = ("train", "test", "database")
 # The validation queries that `pre_process.py val` carves out of the training images, for tuning.
@@ -47,8 +50,14 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class DataError(ValueError):
+class DataError(CliError, ValueError):
     """Bad or missing data: the message names the file (and line) and how to fix it."""
+
+    @classmethod
+    def from_loader(cls, error):
+        """The one-line message of a DataError that a DataLoader worker raised, without its traceback."""
+        last = str(error).strip().splitlines()[-1] if str(error).strip() else ""
+        return cls(re.sub(r"^(?:\w+\.)*DataError: ", "", last))
 
 
 @dataclass
@@ -146,13 +155,19 @@ def check_images_exist(paths, list_path):
 def verify_list_images(list_path, data_root=None, log_every=5000):
     """Parse a list and decode every image it names; a DataError names the first bad one."""
     paths, labels = read_image_list(list_path, data_root)
-    for line_number, path in enumerate(paths, start=1):
+    for done, (origin, path) in enumerate(zip(line_origins(list_path), paths), start=1):
         problem = image_problem(path)
         if problem:
-            raise DataError(f"{list_path}:{line_number}: image {path} {problem}")
-        if line_number % log_every == 0:
-            print(f"  {list_path}: {line_number}/{len(paths)} images open", flush=True)
+            raise DataError(f"{origin}: image {path} {problem}")
+        if done % log_every == 0:
+            print(f"  {list_path}: {done}/{len(paths)} images open", flush=True)
     return paths, labels
+
+
+def line_origins(list_path):
+    """``file:line`` of each image of a list, in list order (blank lines hold no image)."""
+    with open(list_path, encoding="utf-8") as handle:
+        return [f"{list_path}:{number}" for number, line in enumerate(handle, start=1) if line.split()]
 
 
 def image_problem(path):
@@ -193,12 +208,16 @@ def _read_dataset_json(info_path, folder):
 
 
 class ImageList(Dataset):
-    """Images of a list with their labels; yields ``(image, label, index)``."""
+    """Images of a list with their labels; yields ``(image, label, index)``.
 
-    def __init__(self, paths, labels, transform=None):
+    ``origins`` (``file:line`` of each image, see ``line_origins``) let a decoding error name its line.
+    """
+
+    def __init__(self, paths, labels, transform=None, origins=None):
         self.paths = paths
         self.labels = torch.as_tensor(labels, dtype=torch.float32)  # (n, C)
         self.transform = transform
+        self.origins = origins
 
     def __len__(self):
         return len(self.paths)
@@ -207,8 +226,10 @@ class ImageList(Dataset):
         try:
             with Image.open(self.paths[index]) as image:
                 image = image.convert("RGB")
-        except OSError as error:
-            raise DataError(f"cannot read image {self.paths[index]}: {error}") from None
+        except Exception as error:  # any decoder failure: name the image and its line, not a traceback
+            where = f"{self.origins[index]}: " if self.origins else ""
+            raise DataError(f"{where}{self.paths[index]}: cannot be decoded ({type(error).__name__}: {error})") \
+                from None
         if self.transform is not None:
             image = self.transform(image)
         return image, self.labels[index], index
@@ -259,13 +280,19 @@ def training_loader(dataset, batch_size, workers, seed, start_iteration=0):
 def evaluation_loader(dataset, batch_size, workers):
     """Items in list order, for encoding."""
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                      pin_memory=torch.cuda.is_available())
+                      worker_init_fn=_ignore_stop_signals, pin_memory=torch.cuda.is_available())
+
+
+def _ignore_stop_signals(worker_id=None):
+    # Ctrl-C and schedulers (scancel, timeout, docker stop) signal the whole process group: workers
+    # ignore it, so the main process can finish its iteration and snapshot instead of finding its
+    # workers dead.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _seed_worker(worker_id):
-    # Ctrl-C reaches the whole process group: workers ignore it, so the main process can finish
-    # its iteration and snapshot instead of finding its workers dead.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _ignore_stop_signals()
     # torch seeds each worker from the loader's generator; numpy and random follow it.
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)

@@ -41,11 +41,12 @@ def log_default_presets(spec, **flags):
         log.info("dataset '%s' has no dataset.json and no preset: %s", spec.name, "; ".join(defaulted))
 
 
-def evaluate_model(model, spec, args, device, output_dir=None, query_split="test"):
+def evaluate_model(model, spec, args, device, output_dir=None, query_split="test", should_stop=bool):
     """Encode ``spec``'s database and queries with ``model`` and score them; returns the metrics dict.
 
     ``query_split`` "val" scores the validation queries; they are training images, so any of them in
-    the database list is left out of the database, and no query finds itself.
+    the database list is left out of the database, and no query finds itself. ``should_stop`` is asked
+    between batches while encoding (see ``network.encode``).
     """
     queries = evaluation_dataset(spec, query_split, args)
     leave_out = set()
@@ -55,7 +56,8 @@ def evaluate_model(model, spec, args, device, output_dir=None, query_split="test
     codes = {}
     for split, dataset in (("database", database), (query_split, queries)):
         loader = data_list.evaluation_loader(dataset, args.batch_size, args.workers)
-        codes[split] = encode(model, loader, device, description=f"encoding {split}", amp=args.amp)
+        codes[split] = encode(model, loader, device, description=f"encoding {split}", amp=args.amp,
+                              should_stop=should_stop)
     topk = args.topk if args.topk is not None else spec.topk
     context = {"dataset": spec.name, "query_split": query_split,
                "queries_in_database": count_queries_in_database(queries.paths, database.paths)}
@@ -66,17 +68,18 @@ def evaluate_model(model, spec, args, device, output_dir=None, query_split="test
 def evaluation_dataset(spec, split, args, leave_out=frozenset()):
     """The images of one evaluation list but ``leave_out``, sampled by --test_sample_ratio (seeded)."""
     paths, labels = data_list.read_checked_list(spec, split)
+    origins = data_list.line_origins(spec.lists[split])
     if leave_out:
         kept = [i for i, path in enumerate(paths) if _normalised(path) not in leave_out]
         log.info("%s: %d of its %d items are validation queries and are left out for this evaluation", split,
                  len(paths) - len(kept), len(paths))
-        paths, labels = [paths[i] for i in kept], labels[kept]
+        paths, labels, origins = [paths[i] for i in kept], labels[kept], [origins[i] for i in kept]
     kept = data_list.sample_items(len(paths), args.test_sample_ratio, args.seed)
     if len(kept) < len(paths):
         log.info("%s: evaluating %d of %d items (--test_sample_ratio %g, seed %d)", split, len(kept),
                  len(paths), args.test_sample_ratio, args.seed)
     transform = data_list.test_transform(args.resize_size, args.crop_size)
-    return data_list.ImageList([paths[i] for i in kept], labels[kept], transform)
+    return data_list.ImageList([paths[i] for i in kept], labels[kept], transform, [origins[i] for i in kept])
 
 
 def count_queries_in_database(query_paths, database_paths):
@@ -147,7 +150,7 @@ def save_outputs(output_dir, result, database_codes, database_labels, query_code
     """Codes and labels as .npy (continuous outputs, as released), metrics.json and the plots."""
     arrays = dict(zip(CODE_FILES, (database_codes, database_labels, query_codes, query_labels)))
     for name, array in arrays.items():
-        atomic_write(os.path.join(output_dir, f"{name}.npy"), lambda tmp, a=array: _save_npy(tmp, a))
+        atomic_write(os.path.join(output_dir, f"{name}.npy"), lambda stream, a=array: np.save(stream, np.asarray(a)))
     write_text_atomically(os.path.join(output_dir, "metrics.json"), json.dumps(result, indent=1))
     written = plots.save_retrieval_plots(result, output_dir)
     log.info("saved codes, labels, metrics.json and %d plots to %s", len(written), output_dir)
@@ -197,8 +200,3 @@ def _check_codes(array, path):
 
 def _normalised(path):
     return os.path.normpath(os.path.abspath(path))
-
-
-def _save_npy(path, array):
-    with open(path, "wb") as handle:
-        np.save(handle, np.asarray(array))

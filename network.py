@@ -9,7 +9,8 @@ import torch
 from torch import nn
 from torchvision import models
 
-from runtime import autocast
+from data_list import DataError
+from runtime import CliError, Stopped, UsageError, autocast
 
 log = logging.getLogger("mmhh")
 
@@ -33,17 +34,17 @@ PRETRAINED_ALIASES = {"imagenet": "IMAGENET1K_V1", "imagenet_v2": "IMAGENET1K_V2
 WEIGHTS_NAME = re.compile(r"(\w+_Weights\.)?[A-Z0-9_]+|imagenet(_v2)?")
 
 
-class PretrainedWeightsError(ValueError):
+class PretrainedWeightsError(CliError, ValueError):
     """ImageNet weights could not be had; the message says how to pass a local file."""
 
 
 def build_network(image_network, hash_bit, backbone=None, pretrained="imagenet", continuation=False):
     """AlexNetFc / ResNetFc / VGGFc with a ``hash_bit`` tanh hash layer."""
     if image_network not in BACKBONES:
-        raise ValueError(f"--image_network {image_network!r}: choose one of {', '.join(BACKBONES)}")
+        raise UsageError(f"--image_network {image_network!r}: choose one of {', '.join(BACKBONES)}")
     backbone = backbone or DEFAULT_BACKBONE[image_network]
     if backbone not in BACKBONES[image_network]:
-        raise ValueError(f"--backbone {backbone!r} does not fit --image_network {image_network}; "
+        raise UsageError(f"--backbone {backbone!r} does not fit --image_network {image_network}; "
                          f"choose one of {', '.join(BACKBONES[image_network])}")
     torchvision_model = load_backbone(BACKBONES[image_network][backbone], backbone, pretrained)
     features, width = _feature_layers(image_network, torchvision_model)
@@ -146,17 +147,18 @@ def _feature_layers(image_network, model):
 
 
 @torch.no_grad()
-def encode(model, loader, device, description="encoding", log_every_s=10.0, amp=False):
+def encode(model, loader, device, description="encoding", log_every_s=10.0, amp=False, should_stop=bool):
     """Continuous codes and labels of every item of ``loader``'s dataset, in dataset order.
 
     ``amp``: run the network under bfloat16 autocast; the codes are returned in float32.
+    ``should_stop()`` is asked after every batch; when it is true, ``Stopped`` is raised.
     """
     was_training = model.training
     model.eval()
     dataset = loader.dataset
     codes = labels = None
     done, start, last_log = 0, time.perf_counter(), time.perf_counter()
-    for images, batch_labels, indices in loader:
+    for images, batch_labels, indices in _batches(loader):
         with autocast(device, amp):
             batch_codes = model(images.to(device, non_blocking=True)).float().cpu()
         if codes is None:
@@ -169,5 +171,15 @@ def encode(model, loader, device, description="encoding", log_every_s=10.0, amp=
             last_log = time.perf_counter()
             log.info("%s: %d/%d images (%.0f img/s)", description, done, len(dataset),
                      done / (last_log - start))
+        if should_stop():
+            raise Stopped(description)
     model.train(was_training)
     return codes, labels
+
+
+def _batches(loader):
+    """The loader's batches; a worker's DataError arrives as one line, without the worker's traceback."""
+    try:
+        yield from loader
+    except DataError as error:
+        raise DataError.from_loader(error) from None

@@ -1,6 +1,5 @@
 """PNG plots of the retrieval curves that metrics.evaluate_retrieval returns."""
 import os
-import tempfile
 
 import matplotlib
 
@@ -8,12 +7,14 @@ matplotlib.use("Agg")      # files only: never needs a display
 
 from matplotlib.figure import Figure  # noqa: E402  (after the backend choice)
 
+from runtime import atomic_write  # noqa: E402
+
 
 def save_retrieval_plots(metrics, out_dir):
     """Write precision_radius.png, pr_curve.png and precision_at_n.png into out_dir; return their paths.
 
     ``metrics`` is the dict of ``metrics.evaluate_retrieval`` (its ``curves``, ``hash_bit``, ``radius``,
-    ``topk``). Each file is written atomically: a temporary file in out_dir, then os.replace.
+    ``topk``). Each file is written atomically.
     """
     curves = metrics["curves"]
     bits, radius, top_r = metrics["hash_bit"], metrics["radius"], metrics["topk"]
@@ -74,19 +75,11 @@ def save_map_vs_bits(series, out_dir, name="map_vs_bits.png", ylabel="MAP@H<=2 (
 
 
 def _save(fig, out_dir, name):
-    """Save fig as out_dir/name through a temporary file so that a reader never sees half a PNG."""
+    """Save fig as out_dir/name, atomically."""
     for ax in fig.axes:
         ax.title.set_fontsize("small")
         ax.grid(alpha=0.3)
     fig.tight_layout()
     path = os.path.join(os.fspath(out_dir), name)
-    handle, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=out_dir)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            fig.savefig(stream, format="png", dpi=100)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write(path, lambda stream: fig.savefig(stream, format="png", dpi=100))
     return path

@@ -34,6 +34,7 @@ from PIL import Image
 
 from data_list import (DEFAULT_PRESET, PRESETS, SPLITS, DataError, image_problem, read_image_list,
                        require_list, resolve_dataset)
+from runtime import write_bytes_atomically
 
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
                          "Sneaker", "Bag", "Ankle boot")
@@ -439,9 +440,9 @@ def carve_validation(args):
     record["val"] = {"size": size, "carved_from": train_path, "carved_from_lines": len(lines),
                      "seed": args.seed, "command": args.command_line}
     # val.txt first: until train.txt is replaced an interrupted run leaves both, and a rerun refuses
-    write_atomically(os.path.join(folder, "val.txt"), "".join(l for l, c in zip(lines, chosen) if c).encode())
-    write_atomically(os.path.join(folder, "dataset.json"), (json.dumps(record, indent=2) + "\n").encode())
-    write_atomically(os.path.join(folder, "train.txt"), "".join(l for l, c in zip(lines, chosen) if not c).encode())
+    write_bytes_atomically(os.path.join(folder, "val.txt"), "".join(l for l, c in zip(lines, chosen) if c).encode())
+    write_bytes_atomically(os.path.join(folder, "dataset.json"), (json.dumps(record, indent=2) + "\n").encode())
+    write_bytes_atomically(os.path.join(folder, "train.txt"), "".join(l for l, c in zip(lines, chosen) if not c).encode())
     print(f"wrote {os.path.join(folder, 'val.txt')}: {size} validation lines; {folder}/train.txt keeps "
           f"{len(lines) - size}")
     return 0
@@ -1072,29 +1073,14 @@ def write_dataset(args, name, lists, record):
 
 def write_dataset_files(folder, lists, record):
     for split in SPLITS:
-        write_atomically(os.path.join(folder, f"{split}.txt"), lists[split].encode("utf-8"))
-    write_atomically(os.path.join(folder, "dataset.json"),
+        write_bytes_atomically(os.path.join(folder, f"{split}.txt"), lists[split].encode("utf-8"))
+    write_bytes_atomically(os.path.join(folder, "dataset.json"),
                      (json.dumps(record, indent=2) + "\n").encode("utf-8"))
 
 
 def print_written(folder, record):
     sizes = ", ".join(f"{split} {count}" for split, count in record["sizes"].items())
     print(f"wrote {folder}: {sizes} ({record['num_labels']} labels)")
-
-
-def write_atomically(path, data):
-    """Write bytes through a temporary file in the same folder, so no reader sees half a file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    temporary = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    try:
-        with open(temporary, "wb") as handle:
-            handle.write(data)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
 
 
 def write_pngs(folder, pixels, workers):
@@ -1113,7 +1099,8 @@ def write_png_chunk(task):
     for offset, image in enumerate(pixels):
         path = os.path.join(folder, f"{start + offset:05d}.png")
         if not png_matches(path, image):
-            write_atomically(path, png_bytes(image))
+            # Not synced one by one (70,000 fsyncs take minutes): a rerun checks every PNG and redoes lost ones.
+            write_bytes_atomically(path, png_bytes(image), durable=False)
             written += 1
     return written
 

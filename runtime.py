@@ -3,6 +3,7 @@ import argparse
 import logging
 import os
 import random
+import signal
 import sys
 import tempfile
 
@@ -15,6 +16,7 @@ log = logging.getLogger("mmhh")
 class CliError(Exception):
     """A failure the scripts report in one line, with this exit code."""
     exit_code = 2
+    prefix = "error: "
 
 
 class UsageError(CliError, ValueError):
@@ -22,18 +24,54 @@ class UsageError(CliError, ValueError):
 
 
 def run_cli(main, argv=None):
-    """Run ``main(argv)``; expected failures print one line and an exit code, not a traceback.
+    """Run ``main(argv)``; user errors print one line and an exit code, not a traceback.
 
-    Bad data, flags, snapshots and weights raise CliError or ValueError subclasses (DataError,
-    UsageError, PretrainedWeightsError) with messages written for the user; anything else is a bug
-    and keeps its traceback.
+    Bad data, flags, snapshots and weights raise CliError subclasses (DataError, UsageError,
+    PretrainedWeightsError...) with messages written for the user; anything else is a bug and keeps
+    its traceback.
     """
     try:
         return main(argv)
-    except (CliError, ValueError, FileNotFoundError) as error:
+    except CliError as error:
         log.debug("failure", exc_info=True)
-        print(f"error: {error}", file=sys.stderr)
-        return getattr(error, "exit_code", 2)
+        print(f"{error.prefix}{error}", file=sys.stderr)
+        return error.exit_code
+
+
+class Stopped(Exception):
+    """Work stopped early because a SIGINT or SIGTERM arrived; the argument says what was going on."""
+
+
+class StopSignals:
+    """While active, SIGINT and SIGTERM are only recorded, so that a run can finish a step and snapshot.
+
+    Processes started meanwhile (DataLoader workers) inherit the recording handler, then ignore both.
+    """
+
+    def __init__(self):
+        self.received = []
+        self._previous = {}
+
+    def __enter__(self):
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._previous[signum] = signal.signal(signum, lambda number, frame: self.received.append(number))
+        return self
+
+    def __exit__(self, *exc):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        return False
+
+    def requested(self):
+        return bool(self.received)
+
+    @property
+    def name(self):
+        return signal.Signals(self.received[0]).name
+
+    @property
+    def exit_code(self):
+        return 128 + self.received[0]
 
 
 def str2bool(text):
@@ -68,41 +106,74 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
-def setup_logging(log_dir, annotation):
-    """Log to stdout and to ``<log_dir>/<annotation>.log``."""
-    os.makedirs(log_dir, exist_ok=True)
+def setup_logging(log_dir, annotation, to_file=True):
+    """Log to stdout and, with ``to_file``, to ``<log_dir>/<annotation>.log``."""
     logger = logging.getLogger("mmhh")
     logger.setLevel(logging.INFO)
     logger.handlers.clear()
     formatter = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
-    for handler in (logging.StreamHandler(sys.stdout),
-                    logging.FileHandler(os.path.join(log_dir, f"{annotation}.log"))):
+    handlers = [logging.StreamHandler(sys.stdout)]
+    if to_file:
+        os.makedirs(log_dir, exist_ok=True)
+        handlers.append(logging.FileHandler(os.path.join(log_dir, f"{annotation}.log")))
+    for handler in handlers:
         handler.setFormatter(formatter)
         logger.addHandler(handler)
     logger.propagate = False
     return logger
 
 
-def atomic_write(path, write):
-    """Call ``write(tmp_path)``, then rename onto ``path``: readers never see half a file."""
+def atomic_write(path, write, durable=True):
+    """Write ``path`` so that readers find the old file or the whole new one, never half of one.
+
+    ``write(stream)`` fills a binary file in the same folder, which is flushed and synced to disk, given
+    the permissions the user's umask gives a new file (0644 under 022), renamed onto ``path``; then the
+    folder is synced so that the rename survives a crash too. The temporary file never outlives a failure.
+    ``durable=False`` skips the two syncs, for bulk files that a rerun checks and rewrites anyway.
+    """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     handle, tmp_path = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    os.close(handle)
     try:
-        write(tmp_path)
+        with os.fdopen(handle, "wb") as stream:
+            write(stream)
+            stream.flush()
+            if durable:
+                os.fsync(stream.fileno())
+        os.chmod(tmp_path, 0o666 & ~_UMASK)
         os.replace(tmp_path, path)
+        if durable:
+            _fsync_folder(folder)
     finally:
         if os.path.exists(tmp_path):
             os.remove(tmp_path)
 
 
+def write_bytes_atomically(path, data, durable=True):
+    """Write ``data`` to ``path`` through ``atomic_write``."""
+    atomic_write(path, lambda stream: stream.write(data), durable)
+
+
 def write_text_atomically(path, text):
     """Write ``text`` (UTF-8) to ``path`` through ``atomic_write``."""
-    def write(tmp_path):
-        with open(tmp_path, "w", encoding="utf-8") as handle:
-            handle.write(text)
-    atomic_write(path, write)
+    write_bytes_atomically(path, text.encode("utf-8"))
+
+
+def _fsync_folder(folder):
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _read_umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
 
 
 def format_duration(seconds):

@@ -7,11 +7,9 @@ The original README's command, with our layout:
 A run interrupted (Ctrl-C, SIGTERM) or stopped continues with ``--resume SNAPSHOT``.
 """
 import argparse
-import contextlib
 import logging
 import math
 import os
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -26,8 +24,9 @@ import loss
 import evaluation
 import network
 import recipes
-from runtime import (CliError, UsageError, autocast, format_duration, run_cli, seed_everything, select_device,
-                     setup_logging, str2bool)
+import run_files
+from runtime import (CliError, StopSignals, Stopped, UsageError, autocast, format_duration, run_cli,
+                     seed_everything, select_device, setup_logging, str2bool)
 
 log = logging.getLogger("mmhh")
 
@@ -35,8 +34,10 @@ LR_SCHEDULES = ("Stair_Step", "HashNet_Step", "DANN_INV")
 # Weight decay of each schedule when --weight_decay is not given, as released.
 DEFAULT_WEIGHT_DECAY = {"Stair_Step": 0.1, "HashNet_Step": 5e-4, "DANN_INV": 5e-4}
 # Flags a resumed run may change: where it runs and logs, not what it computes.
-RESUME_MAY_CHANGE = {"resume", "gpu_id", "amp", "workers", "log_dir", "runs_dir", "snapshot_interval", "print_every",
-                     "check", "test_output_dir", "data_dir", "data_root", "train_list", "test_list", "database_list"}
+RESUME_MAY_CHANGE = {"resume", "gpu_id", "amp", "workers", "snap_path", "log_dir", "runs_dir", "snapshot_interval",
+                     "keep_snapshots", "overwrite", "print_every", "check", "test_output_dir", "data_dir", "data_root",
+                     "train_list", "test_list", "database_list", "radius", "opt_test", "topk", "test_sample_ratio",
+                     "eval_split"}
 
 
 def parse_args(argv=None):
@@ -59,8 +60,14 @@ def build_parser():
     run.add_argument("--snap_path", default="snapshot/hash/", help="snapshot file prefix (default snapshot/hash/)")
     run.add_argument("--log_dir", default="log/", help="folder of the log file (default log/)")
     run.add_argument("--runs_dir", default="runs/", help="TensorBoard folder; the run logs to RUNS_DIR/ANNOTATION")
-    run.add_argument("--snapshot-interval", dest="snapshot_interval", type=int, default=1000,
-                     help="write a snapshot every N iterations (and always at the end)")
+    run.add_argument("--snapshot-interval", dest="snapshot_interval", type=int, default=200,
+                     help="write a snapshot every N iterations (default 200), on SIGINT/SIGTERM and at the end")
+    run.add_argument("--keep_snapshots", type=int, default=2,
+                     help="keep the newest N snapshots of the run (default 2; 0 keeps all); the final one and "
+                          "the one a resume started from are never removed")
+    run.add_argument("--overwrite", action="store_true",
+                     help="replace an earlier run of the same --annotation (its snapshots, log, TensorBoard "
+                          "events and test output) instead of stopping")
     run.add_argument("--resume", default=None, help="continue the run saved in this snapshot")
     run.add_argument("--pre_model_path", default="",
                      help="initialise the weights from this snapshot; the iteration count starts at 0")
@@ -161,12 +168,22 @@ class Run:
     optimizer: torch.optim.Optimizer
     memory: loss.SemiBatchMemory
     device: torch.device
+    stop: StopSignals
     last_snapshot: str | None = None
     collapse: code_health.CollapseWatch = field(default_factory=code_health.CollapseWatch)
 
 
 class NonFiniteLoss(CliError):
     exit_code = 3
+
+
+class Interrupted(CliError):
+    """A SIGINT or SIGTERM stopped the run; the message says what was saved and how to go on."""
+    prefix = ""
+
+    def __init__(self, message, stop):
+        super().__init__(message)
+        self.exit_code = stop.exit_code
 
 
 def main(argv=None):
@@ -176,7 +193,13 @@ def main(argv=None):
         args = resumed_args(args, explicit, resumed["args"], args.resume)
     recipe = recipes.apply_recipe(args, explicit) if args.recipe and not resumed else []
     finish_args(args)
-    setup_logging(args.log_dir, args.annotation)
+    run_files.check_writable(args)
+    clashes = run_files.clashes(args, resumed["iteration"] if resumed else None)  # before the log exists
+    if not args.check:
+        run_files.remove(clashes)
+    setup_logging(args.log_dir, args.annotation, to_file=not args.check)
+    if clashes and not args.check:
+        log.info("--overwrite: removed %s", ", ".join(clashes))
     for flag, value, source in recipe:
         log.info("recipe %s: --%s %s (%s)", args.recipe, flag, value, source)
     device = select_device(args.gpu_id)
@@ -195,21 +218,25 @@ def main(argv=None):
     for split in (args.eval_split, "database"):  # fail now, not after hours of training
         data_list.read_checked_list(target, split)
 
-    run = build_run(args, source, train_labels, device)
-    start = restore_run(run, resumed) if resumed else initialise_run(run, args, train_paths, train_labels)
-    train_set = data_list.ImageList(train_paths, train_labels,
-                                    data_list.train_transform(args.resize_size, args.crop_size,
-                                                              args.crop_scale))
-    loader = data_list.training_loader(train_set, args.batch_size, args.workers, args.seed, start)
-    if resumed:
-        # After the loader is built: the snapshot's generator state is the one its iteration saw.
-        checkpoint.restore_rng_state(resumed["rng"])
-    writer = SummaryWriter(os.path.join(args.runs_dir, args.annotation), purge_step=start)
-    try:
-        train(run, loader, writer, start)
-        evaluate(run, target, writer)
-    finally:
-        writer.close()
+    # Installed before any DataLoader worker starts, so that a signal to the whole process group
+    # (Ctrl-C, scancel, timeout, docker stop) only asks the run to stop at the next safe point.
+    with StopSignals() as stop:
+        run = build_run(args, source, train_labels, device, stop)
+        start = restore_run(run, resumed) if resumed else initialise_run(run, args, train_paths, train_labels)
+        train_set = data_list.ImageList(train_paths, train_labels,
+                                        data_list.train_transform(args.resize_size, args.crop_size,
+                                                                  args.crop_scale),
+                                        origins=data_list.line_origins(source.lists["train"]))
+        loader = data_list.training_loader(train_set, args.batch_size, args.workers, args.seed, start)
+        if resumed:
+            # After the loader is built: the snapshot's generator state is the one its iteration saw.
+            checkpoint.restore_rng_state(resumed["rng"])
+        writer = SummaryWriter(os.path.join(args.runs_dir, args.annotation), purge_step=start)
+        try:
+            train(run, loader, writer, start)
+            evaluate(run, target, writer)
+        finally:
+            writer.close()
     return 0
 
 
@@ -241,7 +268,30 @@ def finish_args(args):
         raise UsageError(f"--crop_scale {args.crop_scale}: the smallest crop area fraction, in (0, 1]")
     if not str(args.batch_params).isdigit():
         raise UsageError(f"--batch_params {args.batch_params!r}: the warm-up length, a whole number of iterations")
-    loss.parse_margin_params(args.margin_params)  # fails early with the flag's name
+    check_evaluation_flags(args)
+    checks = [("--gamma", args.gamma > 0, "must be positive"),
+              ("--semi_init_momentum", 0.0 <= args.semi_init_momentum <= 1.0, "must lie in [0, 1]"),
+              ("--workers", args.workers >= 0, "must be 0 or more"),
+              ("--keep_snapshots", args.keep_snapshots >= 0, "must be 0 (keep all) or more")]
+    for flag, valid, rule in checks:
+        if not valid:
+            raise UsageError(f"{flag} {getattr(args, flag[2:])}: {rule}")
+    if args.similar_weight_type not in ("config", "preset"):
+        resolve_similar_weight(args, source=None)
+    try:
+        loss.parse_margin_params(args.margin_params)
+    except ValueError as error:  # its message names the flag
+        raise UsageError(str(error)) from None
+
+
+def check_evaluation_flags(args):
+    """The final evaluation's flags, checked before training rather than after it."""
+    if not 0 <= args.radius <= args.hash_bit:
+        raise UsageError(f"--radius {args.radius}: a Hamming radius between 0 and --hash_bit {args.hash_bit}")
+    if args.topk is not None and args.topk != -1 and args.topk < 1:
+        raise UsageError(f"--topk {args.topk}: R of MAP@TopK is a positive count, or -1 for the whole database")
+    if not 0.0 < args.test_sample_ratio <= 1.0:
+        raise UsageError(f"--test_sample_ratio {args.test_sample_ratio}: a fraction in (0, 1]")
 
 
 def resolve_similar_weight(args, source):
@@ -252,9 +302,12 @@ def resolve_similar_weight(args, source):
     if value == "auto":
         return "auto"
     try:
-        return float(value)
+        weight = float(value)
     except ValueError:
-        raise UsageError(f"--similar_weight_type {value!r}: expected 'config', 'auto' or a number") from None
+        weight = -1.0
+    if not weight >= 0:
+        raise UsageError(f"--similar_weight {value!r}: expected 'config', 'auto' or a non-negative number")
+    return weight
 
 
 def default_batch_type(similar_weight):
@@ -262,7 +315,7 @@ def default_batch_type(similar_weight):
     return "SemiMem" if similar_weight != "auto" and similar_weight > 100 else "PairBatch"
 
 
-def build_run(args, source, train_labels, device):
+def build_run(args, source, train_labels, device, stop):
     model = network.build_network(args.image_network, args.hash_bit, backbone=args.backbone,
                                   pretrained=args.pretrained,
                                   continuation=args.image_loss_type == "HashNet").to(device)
@@ -282,7 +335,7 @@ def build_run(args, source, train_labels, device):
     log.info("%s %s, %d bits, %s loss (similar weight %s), %s, %d training images, device %s",
              args.image_network, args.backbone, args.hash_bit, args.distance_type, similar_weight,
              args.batch_type, len(train_labels), device)
-    return Run(args, model, criterion, optimizer, memory, device)
+    return Run(args, model, criterion, optimizer, memory, device, stop)
 
 
 def initialise_run(run, args, train_paths, train_labels):
@@ -299,8 +352,12 @@ def initialise_run(run, args, train_paths, train_labels):
         train_set = data_list.ImageList(train_paths, train_labels,
                                         data_list.test_transform(args.resize_size, args.crop_size))
         loader = data_list.evaluation_loader(train_set, args.batch_size, args.workers)
-        codes, _ = network.encode(run.model, loader, run.device, description="initialising the memory",
-                                  amp=args.amp)
+        try:
+            codes, _ = network.encode(run.model, loader, run.device, description="initialising the memory",
+                                      amp=args.amp, should_stop=run.stop.requested)
+        except Stopped:
+            raise Interrupted(f"stopped by {run.stop.name} while initialising the memory: nothing was trained or "
+                              "saved; start again with the same command and --overwrite", run.stop) from None
         run.memory.initialize_codes(codes.to(run.device))
     return 0
 
@@ -333,29 +390,40 @@ def learning_rate(args, iteration):
 
 
 def train(run, loader, writer, start):
-    """Iterations ``start``..num_iters-1, snapshotting on schedule and on SIGINT/SIGTERM."""
+    """Iterations ``start``..num_iters-1, snapshotting on schedule and when a stop signal arrives."""
     args, model = run.args, run.model
     batches = iter(loader)
     model.train()
     tick, tick_iteration = time.perf_counter(), start
-    with deferred_stop_signals() as received:
-        for iteration in range(start, args.num_iters):
-            images, labels, indices = next(batches)
-            parts, h = train_step(run, iteration, images, labels, indices)
-            warning = run.collapse.update(parts["saturated"], parts["bit_balance"], iteration)
-            if warning:
-                log.warning("warning: %s", warning)
-            completed = iteration + 1
-            if completed % args.print_every == 0 or completed == args.num_iters:
-                speed = (completed - tick_iteration) / (time.perf_counter() - tick)
-                log_progress(run, writer, iteration, parts, h, speed)
-                tick, tick_iteration = time.perf_counter(), completed
-            if completed % args.snapshot_interval == 0 or completed == args.num_iters or received:
-                save_run(run, completed)
-            if received:
-                print(f"stopped by {signal.Signals(received[0]).name} at iteration {completed}; resume with:\n"
-                      f"  python train_mmhh.py --resume {run.last_snapshot}", file=sys.stderr, flush=True)
-                raise SystemExit(128 + received[0])
+    for iteration in range(start, args.num_iters):
+        images, labels, indices = next_batch(run, batches, iteration, start)
+        parts, h = train_step(run, iteration, images, labels, indices)
+        warning = run.collapse.update(parts["saturated"], parts["bit_balance"], iteration)
+        if warning:
+            log.warning("warning: %s", warning)
+        completed = iteration + 1
+        if completed % args.print_every == 0 or completed == args.num_iters:
+            speed = (completed - tick_iteration) / (time.perf_counter() - tick)
+            log_progress(run, writer, iteration, parts, h, speed)
+            tick, tick_iteration = time.perf_counter(), completed
+        if completed % args.snapshot_interval == 0 or completed == args.num_iters or run.stop.requested():
+            save_run(run, completed)
+        if run.stop.requested():
+            raise Interrupted(f"stopped by {run.stop.name} at iteration {completed}; resume with:\n"
+                              f"  python train_mmhh.py --resume {run.last_snapshot}", run.stop)
+
+
+def next_batch(run, batches, iteration, start):
+    """The next training batch; an image that does not decode stops the run with a snapshot."""
+    try:
+        return next(batches)
+    except data_list.DataError as error:
+        if iteration > start or not run.last_snapshot:
+            save_run(run, iteration)
+        raise data_list.DataError(
+            f"{data_list.DataError.from_loader(error)}. Stopped at iteration {iteration}: fix or drop that line "
+            f"(`python pre_process.py validate` lists every such image), then resume with: "
+            f"python train_mmhh.py --resume {run.last_snapshot}") from None
 
 
 def train_step(run, iteration, images, labels, indices):
@@ -410,22 +478,39 @@ def log_progress(run, writer, iteration, parts, h, speed):
 
 
 def save_run(run, iteration):
-    """Snapshot everything the run needs to continue exactly from ``iteration``."""
-    path = checkpoint.snapshot_path(run.args, iteration)
-    checkpoint.save_snapshot(path, {
-        "args": vars(run.args), "iteration": iteration, "model": run.model.state_dict(),
-        "optimizer": run.optimizer.state_dict(), "memory": run.memory.state_dict(),
-        "rng": checkpoint.capture_rng_state(),
-    })
+    """Snapshot everything the run needs to continue exactly from ``iteration``; prune older snapshots."""
+    args = run.args
+    path = checkpoint.snapshot_path(args, iteration)
+    try:
+        checkpoint.save_snapshot(path, {
+            "args": vars(args), "iteration": iteration, "model": run.model.state_dict(),
+            "optimizer": run.optimizer.state_dict(), "memory": run.memory.state_dict(),
+            "rng": checkpoint.capture_rng_state(),
+        })
+    except checkpoint.SnapshotWriteError as error:
+        previous = run.last_snapshot or "none"
+        raise checkpoint.SnapshotWriteError(
+            f"{error}; the previous snapshot {previous} is intact. Free some space or choose another "
+            f"--snap_path, then resume from it with --resume {previous} --snap_path NEW/") from None
     run.last_snapshot = path
     log.info("snapshot %s", path)
+    if args.keep_snapshots > 0:
+        protected = {path, args.resume, checkpoint.snapshot_path(args, args.num_iters)}
+        for removed in checkpoint.prune_snapshots(args, args.keep_snapshots, protected):
+            log.info("removed the older snapshot %s (--keep_snapshots %d)", removed, args.keep_snapshots)
 
 
 def evaluate(run, target, writer):
     """The release's final evaluation: encode the test and database lists and score them."""
     args = run.args
-    output_dir = os.path.join(args.test_output_dir, f"{args.annotation}_iter_{args.num_iters:05d}")
-    result = evaluation.evaluate_model(run.model, target, args, run.device, output_dir, args.eval_split)
+    output_dir = run_files.final_output_dir(args)
+    try:
+        result = evaluation.evaluate_model(run.model, target, args, run.device, output_dir, args.eval_split,
+                                           should_stop=run.stop.requested)
+    except Stopped:
+        raise Interrupted(f"stopped by {run.stop.name} during the final evaluation; the final snapshot is saved. "
+                          f"Evaluate it with:\n  python test_mmhh.py --model_path {run.last_snapshot} --dataset "
+                          f"{args.t_dataset} --radius {args.radius} --output_path {output_dir}", run.stop) from None
     for key, value in result.items():
         if isinstance(value, float):
             writer.add_scalar(f"Test/{key}", value, args.num_iters)
@@ -444,20 +529,6 @@ def check_everything(args, source, target):
     resolve_similar_weight(args, source)
     print("check passed: lists, images, snapshots and flags are usable")
     return 0
-
-
-@contextlib.contextmanager
-def deferred_stop_signals():
-    """While active, SIGINT and SIGTERM are only recorded, so the loop can snapshot first."""
-    received = []
-    previous = {signum: signal.signal(signum, lambda number, frame: received.append(number))
-                for signum in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield received
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """Runs that survive: resume, interruption, atomic snapshots, non-finite losses, clear errors."""
+import errno
 import os
 import signal
 import subprocess
@@ -33,8 +34,11 @@ def test_resume_gives_the_same_weights_as_a_straight_run(tmp_path, tiny_data):
                              "--batch_params", "5")
     assert train_mmhh.main(flags) == 0
     straight = torch.load(snapshot(tmp_path, 20), weights_only=True)
-    assert train_mmhh.main(["--resume", str(snapshot(tmp_path, 10)), "--log_dir", str(tmp_path / "log2")]) == 0
-    resumed = torch.load(snapshot(tmp_path, 20), weights_only=True)
+    # The straight run went on to 20, so the resumed branch writes elsewhere (--snap_path may change).
+    assert train_mmhh.main(["--resume", str(snapshot(tmp_path, 10)), "--log_dir", str(tmp_path / "log2"),
+                            "--snap_path", f"{tmp_path}/branch/", "--test_output_dir", str(tmp_path / "out2")]) == 0
+    resumed = torch.load(tmp_path / "branch" / "t_tiny_tiny_iter_00020", weights_only=True)
+    assert not (tmp_path / "branch" / "t_tiny_tiny_iter_00010").exists()  # only from the resumed iteration on
     for name, value in straight["model"].items():
         torch.testing.assert_close(resumed["model"][name], value, atol=1e-6, rtol=0)
     torch.testing.assert_close(resumed["memory"]["codes"], straight["memory"]["codes"], atol=1e-6, rtol=0)
@@ -64,13 +68,12 @@ def test_a_failed_write_leaves_the_previous_snapshot_intact(tmp_path, monkeypatc
     path = tmp_path / "snap"
     checkpoint.save_snapshot(str(path), {"model": {"w": torch.ones(3)}})
 
-    def broken_save(obj, target):
-        with open(target, "wb") as handle:
-            handle.write(b"half a snapshot")
-        raise OSError("disk full")
+    def broken_save(obj, stream):
+        stream.write(b"half a snapshot")
+        raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", broken_save)
-    with pytest.raises(OSError):
+    with pytest.raises(checkpoint.SnapshotWriteError, match=f"cannot write snapshot {path} .No space left"):
         checkpoint.save_snapshot(str(path), {"model": {"w": torch.zeros(3)}})
     assert torch.equal(checkpoint.load_snapshot(str(path))["model"]["w"], torch.ones(3))
     assert os.listdir(tmp_path) == ["snap"]
