@@ -10,7 +10,7 @@ DEMO_FLAGS := --s_dataset fashion_mnist --annotation demo --image_network ResNet
 	--num_iters $(DEMO_ITERS) --lr 0.01 --decay_step 300 --weight_decay 5e-4 --gamma 10 --loss_lambda 0.001 \
 	--radius 2 --workers 0 --gpu_id cpu --print_every 50 --test_sample_ratio 0.1
 
-.PHONY: setup test demo bench clean-venv
+.PHONY: setup test demo compare bench clean-venv
 
 setup: $(VENV)/.installed
 
@@ -24,10 +24,19 @@ test: setup
 	$(PY) -m pytest
 
 demo: setup data/fashion_mnist/train.txt
-	$(PY) train_mmhh.py $(DEMO_FLAGS)
+	@echo "make demo replaces its own earlier demo run (annotation 'demo', test_output/demo) on purpose: --overwrite"
+	$(PY) train_mmhh.py $(DEMO_FLAGS) --overwrite
 	$(PY) test_mmhh.py --model_path snapshot/hash/demo_fashion_mnist_fashion_mnist_iter_$$(printf %05d $(DEMO_ITERS)) \
 		--dataset fashion_mnist --radius 2 --batch_size 256 --workers 0 --gpu_id cpu \
-		--annotation demo-test --output_path test_output/demo
+		--annotation demo-test --output_path test_output/demo --overwrite
+
+# The comparison table of the README: every method at its recipe, 16 and 48 bits, one seed, on the CPU.
+COMPARE_FLAGS := --image_network ResNetFc --backbone ResNet18 --pretrained none --resize_size 28 --crop_size 28 \
+	--crop_scale 1.0 --num_iters $(DEMO_ITERS) --workers 0 --gpu_id cpu --print_every 100
+
+compare: setup data/fashion_mnist/train.txt
+	$(PY) compare.py --dataset fashion_mnist --methods MMHH DCH HashNet --bits 16 48 --seeds 0 \
+		--output compare/fashion_mnist $(COMPARE_FLAGS)
 
 data/fashion_mnist/train.txt:
 	@if [ ! -e $(FASHION_ROOT)/train-images-idx3-ubyte.gz ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \

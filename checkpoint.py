@@ -38,9 +38,9 @@ def existing_snapshots(args):
 
 
 def prune_snapshots(args, keep, protected):
-    """Remove the run's older snapshots, keeping the newest ``keep`` and every path in ``protected``."""
-    removable = [path for _, path in sorted(existing_snapshots(args).items()) if path not in protected]
-    doomed = removable[:len(removable) - keep] if keep > 0 else removable
+    """Remove the run's snapshots but the newest ``keep`` and every path in ``protected``; the removed."""
+    ordered = [path for _, path in sorted(existing_snapshots(args).items())]
+    doomed = [path for path in ordered[:-keep] if path not in protected]
     for path in doomed:
         os.remove(path)
     return doomed

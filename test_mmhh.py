@@ -50,6 +50,8 @@ def parse_args(argv=None):
     ours.add_argument("--crop_size", type=int, default=None, help="default: the snapshot's")
     ours.add_argument("--hash_bit", type=int, default=None, help="if given, must match the snapshot")
     ours.add_argument("--image_network", default=None, help="if given, must match the snapshot")
+    ours.add_argument("--overwrite", action="store_true",
+                      help="replace the evaluation already in --output_path instead of stopping")
     ours.add_argument("--check", action="store_true",
                       help="validate the snapshot, lists and images, then exit without evaluating")
     evaluation.add_list_flags(ours)
@@ -58,6 +60,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    refuse_overwrite(args)
     setup_logging(args.log_dir, args.annotation)
     device = select_device(args.gpu_id)
     if args.codes_dir:
@@ -82,6 +85,16 @@ def main(argv=None):
         return 0
     evaluation.evaluate_model(model, spec, args, device, args.output_path)
     return 0
+
+
+def refuse_overwrite(args):
+    """Stop before any work when --output_path holds an earlier evaluation, unless --overwrite."""
+    if args.output_path and not args.overwrite:
+        earlier = [name for name in ("metrics.json", *(f"{n}.npy" for n in evaluation.CODE_FILES))
+                   if os.path.exists(os.path.join(args.output_path, name))]
+        if earlier:
+            raise UsageError(f"--output_path {args.output_path} holds an earlier evaluation ({', '.join(earlier)}); "
+                             "pass another --output_path, or --overwrite to replace it")
 
 
 def score_saved_codes(args, device):
