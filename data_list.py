@@ -5,7 +5,9 @@ taken relative to the data root when one is given, else to the list file's folde
 folder ``data/NAME/`` with ``train.txt``, ``test.txt`` (queries) and ``database.txt``, and an
 optional ``dataset.json`` (written by ``pre_process.py``) with its retrieval presets.
 """
+import atexit
 import json
+import multiprocessing
 import os
 import random
 import re
@@ -289,6 +291,20 @@ def _ignore_stop_signals(worker_id=None):
     # workers dead.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+@atexit.register
+def _kill_leftover_workers():
+    # At exit multiprocessing SIGTERMs its daemonic children and waits for them; workers ignore SIGTERM,
+    # so one left running (its loader never closed, say after an error) would keep the process waiting
+    # forever. Registered after multiprocessing's own exit handler, this one runs before it; torch's
+    # SIGCHLD handler, which reports killed workers, is set aside first: the process is exiting.
+    leftover = [process for process in multiprocessing.active_children() if process.daemon]
+    if leftover:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for process in leftover:
+        process.kill()
+        process.join()
 
 
 def _seed_worker(worker_id):
