@@ -1,62 +1,73 @@
-"""Time metrics.map_at_radius / map_at_topk against a plain-numpy baseline on the same codes.
+"""Time metrics.map_at_radius, map_at_topk and evaluate_retrieval against plain numpy on the same codes.
 
-The baseline is written the way the fastest original anchor does it: one Q x N float64 inner-product
-matrix, a full (stable) argsort per query to rank the Hamming ball, argpartition + sort for the top R,
-a Python loop over queries. Codes are class-clustered (tanh of noisy +-1 class centres, some labels
-flipped) so that balls are mostly non-empty and precision is below 1.
+Codes shaped like a trained network's, where a Hamming ball of radius 2 holds 1-10% of the
+database (random codes leave it nearly empty and flatter every ball method):
 
-Each (case, implementation, metric) runs in its own subprocess so that peak memory can be measured:
-``peak RSS`` is the rise of the process's peak resident set (ru_maxrss) over its resident set after
-loading the inputs -- it covers torch and numpy alike but counts pages, not allocations;
-``tracemalloc`` is the Python-visible allocation peak (numpy reports its buffers there, torch does not,
-so it is given for the baseline only); on CUDA ``cuda peak`` is torch.cuda.max_memory_allocated over
-the allocation before the call (inputs are passed as CPU arrays, so their device copies count).
+* ``demo``: the demo's saved codes (``make demo`` writes test_output/demo/{database,test}_{code,labels}.npy:
+  69,000 x 1,000 x 48 bits, 10 classes); skipped with a note when they are not there;
+* ``c50k``, ``c100k``, ``c190k``: clustered synthetic codes (bench/clustered_codes.py: class centres,
+  per-bit flip noise solved for a target ball fraction, multi-label with a Zipf-like label
+  popularity) of 50,000 x 2,000 x 48 bits (21 labels), 100,000 x 2,000 x 64 and 190,000 x 5,000 x 64
+  (81 labels: a NUS-WIDE-sized evaluation);
+* ``random``: random codes (50,000 x 2,000 x 48), an extra row showing the nearly empty balls.
 
-    python bench/bench_metrics.py                       # 50k x 2k x 48 bits
-    python bench/bench_metrics.py --sizes full          # + 16/64 bits and 200k x 5k x 64 (fast only)
-    python bench/bench_metrics.py --sizes full --full   # + the baseline at 200k x 5k (~14 GB, ~1 min)
+Baselines, plain numpy with a Python loop over queries and one Q x N float64 matrix of inner
+products (its memory is the baseline's): MAP@H<=r finds each query's ball by a matrix-vector product
+of the sign codes and ranks it by a stable argsort of the ball's scores ("ball argsort"); the
+released MMHH / DeepHash code instead argsorts the whole row and keeps the ball ("full argsort");
+MAP@R takes argpartition then a stable sort of the R winners. For the whole evaluation (every
+figure and curve of evaluate_retrieval) the baseline is the sum of its MAP@H<=2 and MAP@R runs,
+which compute only those two numbers. Every pair of runs is checked to give the same MAP (to 1e-9).
+
+Each (case, implementation, metric) runs in its own subprocess, ``--repeat`` times, keeping the
+fastest: ``peak extra memory`` is the rise of the process's peak resident set (VmHWM; not ru_maxrss,
+which keeps the forking parent's size) over its resident set after loading the inputs (the largest
+over the repeats); on CUDA it is torch.cuda.max_memory_allocated over the allocation before the
+call (inputs are passed as CPU arrays, so their device copies count). The Markdown table at the
+end is the README's; the load average at the start and end tells whether the machine was busy.
+
+    python bench/bench_metrics.py                        # every case, baselines below 150k items
+    python bench/bench_metrics.py --cases demo c50k      # a subset
+    python bench/bench_metrics.py --full                 # + the baselines at 190k x 5k (~8 GB each)
+    python bench/bench_metrics.py --device cuda          # ours on the GPU (baselines stay numpy)
 """
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
 import time
-import tracemalloc
 
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-SIZES = {
-    "small": [(50_000, 2_000, 48)],
-    "full": [(50_000, 2_000, 16), (50_000, 2_000, 48), (50_000, 2_000, 64), (200_000, 5_000, 64)],
+from clustered_codes import clustered_codes, mean_ball_size  # noqa: E402  (after the path set-up)
+
+DEMO_DIR = os.path.join(ROOT, "test_output", "demo")
+DEMO_FILES = ("database_code", "database_labels", "test_code", "test_labels")
+# name: (database, queries, bits, labels, multi-label, target ball fraction at radius 2)
+CLUSTERED = {
+    "c50k": (50_000, 2_000, 48, 21, True, 0.03),
+    "c100k": (100_000, 2_000, 64, 81, True, 0.03),
+    "c190k": (190_000, 5_000, 64, 81, True, 0.03),
 }
-LARGE = 100_000         # database size from which the baseline is opt-in (--full)
+CASES = ("demo", *CLUSTERED, "random")
+LARGE = 150_000         # database size from which the baselines are opt-in (--full)
+FIGURES = {"radius": "MAP@H≤{r}", "topk": "MAP@{R}", "evaluate": "whole evaluation"}
+BASELINES = ("radius", "radius_full_sort", "topk")
 
 
-def make_data(n_db, n_q, bits, n_classes, seed=0, noise=0.6, label_noise=0.1):
-    """Class-clustered continuous codes and one-hot labels, some labels replaced at random."""
-    rng = np.random.default_rng(seed)
-    centres = rng.choice([-1.0, 1.0], (n_classes, bits))
+# ----------------------------------------------------------------------------------------------
+# Baselines
+# ----------------------------------------------------------------------------------------------
 
-    def draw(n):
-        cls = rng.integers(0, n_classes, n)
-        codes = np.tanh(2.0 * (centres[cls] + noise * rng.standard_normal((n, bits))))
-        flip = rng.random(n) < label_noise
-        cls[flip] = rng.integers(0, n_classes, int(flip.sum()))
-        return codes, np.eye(n_classes, dtype=np.uint8)[cls]
-
-    hd, ld = draw(n_db)
-    hq, lq = draw(n_q)
-    return hd, ld, hq, lq
-
-
-def baseline_map_at_radius(hd, ld, hq, lq, radius):
+def baseline_map_at_radius(hd, ld, hq, lq, radius, full_sort=False):
     """deephash MAP@H<=radius: empty ball = AP 0, ball without relevant item left out."""
+    hd, hq = hd.astype(np.float64), hq.astype(np.float64)
     bits = hd.shape[1]
     sim = hq @ hd.T                                             # (Q, N) float64
     bd = np.where(hd >= 0, 1.0, -1.0)
@@ -64,9 +75,13 @@ def baseline_map_at_radius(hd, ld, hq, lq, radius):
     ld, lq = ld.astype(np.float32), lq.astype(np.float32)
     aps = []
     for i in range(hq.shape[0]):
-        order = np.argsort(-sim[i], kind="stable")
-        hamming = (bits - (bd @ bq[i])[order]) / 2
-        ball = order[hamming <= radius]
+        hamming = (bits - bd @ bq[i]) / 2
+        if full_sort:
+            order = np.argsort(-sim[i], kind="stable")
+            ball = order[hamming[order] <= radius]
+        else:
+            ball = np.flatnonzero(hamming <= radius)
+            ball = ball[np.argsort(-sim[i, ball], kind="stable")]
         rel = (ld[ball] @ lq[i]) > 0
         found = rel.sum()
         if ball.size == 0:
@@ -79,7 +94,7 @@ def baseline_map_at_radius(hd, ld, hq, lq, radius):
 
 def baseline_map_at_topk(hd, ld, hq, lq, top_r):
     """hashnet MAP@R over continuous codes: queries without a relevant item in the top R left out."""
-    sim = hq @ hd.T                                             # (Q, N) float64
+    sim = hq.astype(np.float64) @ hd.astype(np.float64).T      # (Q, N) float64
     ld, lq = ld.astype(np.float32), lq.astype(np.float32)
     aps = []
     for i in range(hq.shape[0]):
@@ -93,9 +108,15 @@ def baseline_map_at_topk(hd, ld, hq, lq, top_r):
     return float(np.mean(aps)) if aps else 0.0
 
 
-def current_rss():
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+# ----------------------------------------------------------------------------------------------
+# One measurement per process
+# ----------------------------------------------------------------------------------------------
+
+def memory_status(field):
+    """A field of /proc/self/status in bytes: VmRSS (resident now), VmHWM (peak resident)."""
+    with open("/proc/self/status") as handle:
+        line = next(line for line in handle if line.startswith(field + ":"))
+    return int(line.split()[1]) * 1024
 
 
 def worker(args):
@@ -108,35 +129,31 @@ def worker(args):
     hd, ld, hq, lq = (inputs[k] for k in ("hd", "ld", "hq", "lq"))
     cuda = args.device.startswith("cuda")
     if args.impl == "fast":                                     # warm-up: library loads, CUDA context
-        metrics.map_at_radius(hd[:50], ld[:50], hq[:5], lq[:5], device=args.device)
-        metrics.map_at_topk(hd[:50], ld[:50], hq[:5], lq[:5], 10, device=args.device)
+        metrics.evaluate_retrieval(hd[:50], ld[:50], hq[:5], lq[:5], 2, 10, device=args.device)
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         cuda_before = torch.cuda.memory_allocated()
-    rss_before = current_rss()
-    traced = args.impl == "baseline"
-    if traced:
-        tracemalloc.start()
+    rss_before = memory_status("VmRSS")
     start = time.perf_counter()
     if args.impl == "baseline":
-        value = (baseline_map_at_radius(hd, ld, hq, lq, args.radius) if args.metric == "radius"
-                 else baseline_map_at_topk(hd, ld, hq, lq, args.topk))
+        value = (baseline_map_at_topk(hd, ld, hq, lq, args.topk) if args.metric == "topk"
+                 else baseline_map_at_radius(hd, ld, hq, lq, args.radius, args.metric == "radius_full_sort"))
     elif args.metric == "radius":
         value = metrics.map_at_radius(hd, ld, hq, lq, args.radius, "deephash", device=args.device)["map"]
-    else:
+    elif args.metric == "topk":
         value = metrics.map_at_topk(hd, ld, hq, lq, args.topk, False, "hashnet", device=args.device)
+    else:
+        result = metrics.evaluate_retrieval(hd, ld, hq, lq, radius=args.radius, topk=args.topk,
+                                            device=args.device)
+        value = [result["map_radius_deephash"], result["map_topk"]]
     if cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     result = {"seconds": seconds, "map": value,
-              "rss_peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before}
-    if traced:
-        result["tracemalloc_peak"] = tracemalloc.get_traced_memory()[1]
+              "rss_peak": memory_status("VmHWM") - rss_before}
     if cuda:
         result["cuda_peak"] = torch.cuda.max_memory_allocated() - cuda_before
-    if args.metric == "radius" and args.impl == "fast":
-        result["empty"] = metrics.map_at_radius(hd, ld, hq, lq, args.radius, device=args.device)["empty_fraction"]
     print(json.dumps(result))
 
 
@@ -152,29 +169,48 @@ def run_worker(data_path, impl, metric, args):
             raise RuntimeError(f"{impl} {metric} failed:\n{done.stderr}")
         runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
     best = min(runs, key=lambda run: run["seconds"])
-    for key in ("rss_peak", "tracemalloc_peak", "cuda_peak"):
+    for key in ("rss_peak", "cuda_peak"):
         if key in best:
             best[key] = max(run[key] for run in runs)
     return best
 
 
-def mib(value):
-    return f"{value / 2**20:8.0f}" if value is not None else "       -"
+# ----------------------------------------------------------------------------------------------
+# Cases and the table
+# ----------------------------------------------------------------------------------------------
+
+def load_case(name, seed):
+    """(hd, ld, hq, lq, description) of a case, or None when the demo's codes are missing."""
+    if name == "demo":
+        paths = [os.path.join(DEMO_DIR, f"{f}.npy") for f in DEMO_FILES]
+        if not all(os.path.exists(p) for p in paths):
+            return None
+        hd, ld, hq, lq = (np.load(p) for p in paths)
+        return hd, ld, hq, lq, f"demo (Fashion-MNIST, {ld.shape[1]} classes)"
+    if name == "random":
+        rng = np.random.default_rng(seed)
+        hd, hq = rng.standard_normal((50_000, 48)), rng.standard_normal((2_000, 48))
+        ld, lq = (np.eye(21, dtype=np.uint8)[rng.integers(0, 21, n)] for n in (50_000, 2_000))
+        return hd, ld, hq, lq, "random (21 classes)"
+    n_db, n_q, bits, labels, multi, target = CLUSTERED[name]
+    hd, ld, hq, lq, info = clustered_codes(n_db, n_q, bits, labels, multi, target, seed)
+    return hd, ld, hq, lq, (f"clustered ({labels} labels, {info['labels_per_item']:.1f} per item, "
+                            f"flip p = {info['flip_probability']:.3f})")
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", choices=sorted(SIZES), default="small")
+    parser.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
     parser.add_argument("--full", action="store_true",
-                        help=f"also run the numpy baseline at >= {LARGE} database items (~14 GB, ~1 min)")
+                        help=f"also run the numpy baselines at >= {LARGE} database items (~8 GB each)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     parser.add_argument("--radius", type=int, default=2)
     parser.add_argument("--topk", type=int, default=5000)
-    parser.add_argument("--classes", type=int, default=50)
-    parser.add_argument("--repeat", type=int, default=1, help="runs per measurement; the fastest is kept")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per measurement; the fastest is kept")
+    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--worker-data", help=argparse.SUPPRESS)
     parser.add_argument("--impl", choices=["fast", "baseline"], help=argparse.SUPPRESS)
-    parser.add_argument("--metric", choices=["radius", "topk"], help=argparse.SUPPRESS)
+    parser.add_argument("--metric", choices=[*FIGURES, *BASELINES], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.device is None:
         import torch
@@ -183,34 +219,67 @@ def main(argv=None):
         return worker(args)
 
     import torch
-    print(f"device {args.device}, torch threads {torch.get_num_threads()}, radius {args.radius}, "
-          f"top R {args.topk}, {args.classes} classes, best of {args.repeat}; MAP: deephash (radius), "
-          f"hashnet (top R); memory in MiB (see the module docstring)")
-    header = (f"{'N':>7} {'Q':>5} {'K':>3} {'metric':>7} {'empty':>6} {'base s':>7} {'fast s':>7} "
-              f"{'speed-up':>8} {'|dMAP|':>8} {'base RSS':>8} {'base trc':>8} {'fast RSS':>8} {'fast GPU':>8}")
-    print(header)
-    worst = 0.0
+    began = time.perf_counter()
+    load = os.getloadavg()[0]
+    print(f"device {args.device}, torch threads {torch.get_num_threads()}, {os.cpu_count()} CPUs, "
+          f"load average {load:.2f} at start, radius {args.radius}, R {args.topk}, best of {args.repeat}")
+    rows, worst = [], 0.0
     with tempfile.TemporaryDirectory() as tmp:
-        for n_db, n_q, bits in SIZES[args.sizes]:
-            path = os.path.join(tmp, f"case_{n_db}_{n_q}_{bits}.npz")
-            hd, ld, hq, lq = make_data(n_db, n_q, bits, args.classes)
+        for name in args.cases:
+            case = load_case(name, args.seed)
+            if case is None:
+                print(f"{name}: skipped, no demo codes in {DEMO_DIR} (run `make demo`)")
+                continue
+            hd, ld, hq, lq, description = case
+            ball = mean_ball_size(hd, hq, args.radius)
+            shape = f"{hd.shape[0] // 1000}k × {hq.shape[0] / 1000:g}k × {hd.shape[1]}"
+            print(f"{name}: {description}, {shape}, mean ball at radius {args.radius}: {ball:.0f} items "
+                  f"({100 * ball / hd.shape[0]:.2f}% of the database)", flush=True)
+            path = os.path.join(tmp, f"{name}.npz")
             np.savez(path, hd=hd, ld=ld, hq=hq, lq=lq)
+            with_baseline = hd.shape[0] < LARGE or args.full
             del hd, ld, hq, lq
-            for metric in ("radius", "topk"):
-                fast = run_worker(path, "fast", metric, args)
-                base = (run_worker(path, "baseline", metric, args)
-                        if n_db < LARGE or args.full else None)
-                diff = abs(fast["map"] - base["map"]) if base else None
-                worst = max(worst, diff or 0.0)
-                print(f"{n_db:>7} {n_q:>5} {bits:>3} {metric:>7} "
-                      f"{fast.get('empty', float('nan')) if metric == 'radius' else float('nan'):>6.3f} "
-                      f"{base['seconds'] if base else float('nan'):>7.2f} {fast['seconds']:>7.2f} "
-                      f"{base['seconds'] / fast['seconds'] if base else float('nan'):>8.1f} "
-                      f"{diff if diff is not None else float('nan'):>8.1e} "
-                      f"{mib(base['rss_peak'] if base else None)} {mib(base.get('tracemalloc_peak') if base else None)} "
-                      f"{mib(fast['rss_peak'])} {mib(fast.get('cuda_peak'))}", flush=True)
+            ours = {m: run_worker(path, "fast", m, args) for m in FIGURES}
+            numpy = {m: run_worker(path, "baseline", m, args) for m in BASELINES} if with_baseline else {}
+            if numpy:                                           # the whole evaluation's two baselines
+                numpy["evaluate"], numpy["evaluate_full_sort"] = (
+                    {"seconds": radius["seconds"] + numpy["topk"]["seconds"],
+                     "map": [radius["map"], numpy["topk"]["map"]],
+                     "rss_peak": max(radius["rss_peak"], numpy["topk"]["rss_peak"])}
+                    for radius in (numpy["radius"], numpy["radius_full_sort"]))
+            for figure in FIGURES:
+                against = [numpy.get(figure), numpy.get(f"{figure}_full_sort")]
+                for theirs in filter(None, against):
+                    worst = max(worst, float(np.max(np.abs(np.subtract(ours[figure]["map"], theirs["map"])))))
+                rows.append((name, shape, ball, figure, ours[figure], *against))
+                print(f"  {figure:>8}: ours {ours[figure]['seconds']:7.2f} s" + "".join(
+                    f", {kind} {theirs['seconds']:7.2f} s ({theirs['seconds'] / ours[figure]['seconds']:.1f}x)"
+                    for kind, theirs in zip(("numpy", "full argsort"), against) if theirs), flush=True)
             os.remove(path)
-    print(f"max |MAP difference| fast vs baseline: {worst:.2e}")
+    print(f"\nmax |MAP difference| ours vs baseline: {worst:.2e}; bench took {time.perf_counter() - began:.0f} s; "
+          f"load average {os.getloadavg()[0]:.2f} at the end\n")
+    print_table(rows, args)
+    if worst > 1e-9:
+        raise SystemExit(f"ours and the baseline disagree by {worst:.2e}")
+
+
+def print_table(rows, args):
+    """The README's table: ours against both numpy baselines (MAP@R has one: argpartition)."""
+    gpu = args.device.startswith("cuda")
+    print(f"| codes | database × queries × bits | mean ball (r = {args.radius}) | figure | ours{' (GPU)' if gpu else ''} "
+          f"| numpy, ball argsort | speed-up | numpy, full argsort (as released) | speed-up "
+          f"| peak extra memory: ours / numpy |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name, shape, ball, figure, ours, ball_sort, full_sort in rows:
+        label = FIGURES[figure].format(r=args.radius, R=args.topk)
+        memory = ours.get("cuda_peak", ours["rss_peak"]) if gpu else ours["rss_peak"]
+        cells = []
+        for theirs in (ball_sort, full_sort):
+            cells += ([f"{theirs['seconds']:.2f} s", f"{theirs['seconds'] / ours['seconds']:.1f}×"] if theirs
+                      else ["-", "-"])
+        numpy_memory = f"{ball_sort['rss_peak'] / 2**20:.0f}" if ball_sort else "-"
+        print(f"| {name} | {shape} | {ball:.0f} | {label} | {ours['seconds']:.2f} s | {' | '.join(cells)} "
+              f"| {memory / 2**20:.0f} / {numpy_memory} MiB |")
 
 
 if __name__ == "__main__":

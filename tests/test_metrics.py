@@ -1,4 +1,4 @@
-"""metrics.py against a plain per-query implementation of SPEC section 6, plus fixed cases."""
+"""metrics.py against a plain per-query implementation of the README's "Retrieval metrics", plus fixed cases."""
 import contextlib
 import itertools
 import json
@@ -138,11 +138,11 @@ def ball_method(method):
 
 
 @contextlib.contextmanager
-def radius_table_cells(cells):
-    """Cap the CPU's radius tables at about ``cells`` cells (None: the default cap)."""
+def member_batch(members):
+    """Cap the CPU's batches of ranked ball members at about ``members`` (None: the default cap)."""
     saved = metrics._CPU_BATCH_BYTES
-    if cells:
-        metrics._CPU_BATCH_BYTES = cells * metrics._CURVE_BYTES_PER_CELL
+    if members:
+        metrics._CPU_BATCH_BYTES = members * metrics._BYTES_PER_MEMBER
     try:
         yield
     finally:
@@ -159,7 +159,7 @@ def test_map_at_radius_matches_reference(problem, data):
     hd, ld, hq, lq = problem
     radius = data.draw(st.integers(0, hd.shape[1] + 1))
     memory = data.draw(st.sampled_from([None, 64]))       # 64 bytes: a query (and pair block) at a time
-    method = data.draw(st.sampled_from(["lookup", "matmul"]))
+    method = data.draw(st.sampled_from(["lookup", "lookup-gather", "scan"]))
     for convention in ("deephash", "mmhh"):
         with ball_method(method):
             got = metrics.map_at_radius(hd, ld, hq, lq, radius, convention, device="cpu", memory_bytes=memory)
@@ -192,10 +192,10 @@ def test_map_at_topk_matches_reference(problem, data):
 @FAST
 @given(problems(), st.sampled_from(["deephash", "mmhh"]), st.sampled_from([None, 64]),
        st.sampled_from([None, 1, 30]))
-def test_curves_match_reference_at_every_radius(problem, convention, memory, table_cells):
+def test_curves_match_reference_at_every_radius(problem, convention, memory, members):
     hd, ld, hq, lq = problem
-    # table_cells 1: a radius table per query; 30: a few queries per table, as at full scale.
-    with radius_table_cells(table_cells):
+    # members 1: a batch (and radius table) per query; 30: a few queries per batch, as at full scale.
+    with member_batch(members):
         curve = metrics.precision_recall_by_radius(hd, ld, hq, lq, convention, device="cpu",
                                                    memory_bytes=memory)
     assert curve["radius"] == list(range(hd.shape[1] + 1))
@@ -208,12 +208,14 @@ def test_curves_match_reference_at_every_radius(problem, convention, memory, tab
 @FAST
 @given(problems(), st.data())
 def test_evaluate_retrieval_matches_reference(problem, data):
-    # evaluate_retrieval reads the continuous top R off the curves' ranking: check it on its own.
     hd, ld, hq, lq = problem
+    K = hd.shape[1]
     top_r = data.draw(st.integers(1, hd.shape[0]))
-    radius = data.draw(st.integers(0, hd.shape[1]))
+    radius = data.draw(st.integers(0, K + 1))
+    curve_radius = data.draw(st.sampled_from([None, -1, 0, K // 2, K + 1]))
     memory = data.draw(st.sampled_from([None, 64]))
-    got = metrics.evaluate_retrieval(hd, ld, hq, lq, radius, top_r, device="cpu", memory_bytes=memory)
+    got = metrics.evaluate_retrieval(hd, ld, hq, lq, radius, top_r, device="cpu", memory_bytes=memory,
+                                     map_curve_radius=curve_radius)
     assert close(got["map_topk"], ref_map_at_topk(hd, ld, hq, lq, top_r, False, "hashnet"))
     assert close(got["map_topk_mmhh"], ref_map_at_topk(hd, ld, hq, lq, top_r, False, "mmhh"))
     assert close(got["map_topk_sign"], ref_map_at_topk(hd, ld, hq, lq, top_r, True, "hashnet"))
@@ -221,10 +223,27 @@ def test_evaluate_retrieval_matches_reference(problem, data):
     assert all(close(g, w) for g, w in zip(got["curves"]["precision_at_n"], want_pn, strict=True))
     for convention, key in (("deephash", "map_radius_deephash"), ("mmhh", "map_radius_mmhh")):
         assert close(got[key], ref_map_at_radius(hd, ld, hq, lq, radius, convention)["map"])
+    expected_top = {None: min(radius, K), -1: K}.get(curve_radius, min(curve_radius or 0, K))
+    assert got["map_curve_radius"] == expected_top
+    assert_curves_match_reference(problem, got)
 
 
-@pytest.mark.parametrize("table_cells", [1, 200, None])
-def test_curves_restart_per_query_in_a_shared_table(table_cells):
+def assert_curves_match_reference(problem, *results):
+    """Every radius's precision, recall and empty share, and MAP up to map_curve_radius (None above)."""
+    for r in results[0]["curves"]["radius"]:
+        want, want_mmhh = (ref_map_at_radius(*problem, r, c) for c in ("deephash", "mmhh"))
+        for result in results:
+            curves, top = result["curves"], result["map_curve_radius"]
+            for key in ("precision", "recall", "empty_fraction"):
+                assert close(curves[key][r], want[key]), (r, key, curves[key][r], want[key])
+            if r <= top:
+                assert close(curves["map"][r], want["map"]) and close(curves["map_mmhh"][r], want_mmhh["map"])
+            else:
+                assert curves["map"][r] is None and curves["map_mmhh"][r] is None
+
+
+@pytest.mark.parametrize("members", [1, 200, None])
+def test_curves_restart_per_query_in_a_shared_table(members):
     # Queries with no relevant item at the start, middle and end of a table: the running counts
     # must restart at each query whatever the grouping.
     rng = np.random.default_rng(7)
@@ -233,7 +252,7 @@ def test_curves_restart_per_query_in_a_shared_table(table_cells):
     ld = np.eye(3, dtype=np.int64)[rng.integers(0, 3, 300)]
     lq = np.eye(3, dtype=np.int64)[rng.integers(0, 3, 12)]
     lq[[0, 5, 6, 11]] = 0
-    with radius_table_cells(table_cells):
+    with member_batch(members):
         curve = metrics.precision_recall_by_radius(hd, ld, hq, lq, "deephash", device="cpu")
     for r in curve["radius"]:
         want = ref_map_at_radius(hd, ld, hq, lq, r, "deephash")
@@ -259,13 +278,98 @@ def test_larger_random_case_with_many_chunks():
     hq = np.round(np.tanh(centers[cls_q] + 0.8 * rng.standard_normal((12, 12))) * 8) / 8
     ld, lq = np.eye(6)[cls_d], np.eye(6)[cls_q]
     for memory in (None, 3000):
-        for radius, method in itertools.product((0, 2, 5), ("lookup", "matmul")):
+        for radius, method in itertools.product((0, 2, 5), ("lookup", "lookup-gather", "scan")):
             with ball_method(method):
                 got = metrics.map_at_radius(hd, ld, hq, lq, radius, "mmhh", device="cpu", memory_bytes=memory)
             assert close(got["map"], ref_map_at_radius(hd, ld, hq, lq, radius, "mmhh")["map"])
         for top_r in (1, 37, 150):
             got = metrics.map_at_topk(hd, ld, hq, lq, top_r, True, "hashnet", device="cpu", memory_bytes=memory)
             assert close(got, ref_map_at_topk(hd, ld, hq, lq, top_r, True, "hashnet"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Clustered codes: large balls, duplicated codes, exact ties
+# ----------------------------------------------------------------------------------------------
+
+def clustered_problem(seed, n_db=300, n_q=20, bits=12, classes=3):
+    """A trained network's codes in miniature: each ball holds a large share of the database, and
+    many items tie exactly on score with different relevance (coarse magnitudes, duplicated codes)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.choice([-1.0, 1.0], (classes, bits))
+
+    def draw(n):
+        cls = rng.integers(0, classes, n)
+        signs = np.where(rng.random((n, bits)) < 0.04, -centres[cls], centres[cls])
+        codes = signs * rng.choice([0.25, 0.5, 1.0], (n, bits))      # dyadic: exact, tied scores
+        relabelled = np.where(rng.random(n) < 0.3, rng.integers(0, classes, n), cls)
+        return codes, np.eye(classes, dtype=np.int64)[relabelled]
+
+    hd, ld = draw(n_db)
+    hd[rng.permutation(n_db)[:n_db // 3]] = hd[rng.integers(0, n_db, n_db // 3)]   # same code, other labels
+    hq, lq = draw(n_q)
+    return hd, ld, hq, lq
+
+
+@pytest.fixture(scope="module")
+def clustered():
+    """A clustered problem and the reference's figures at radii 0..3 (computed once)."""
+    problem = clustered_problem(11)
+    want = {(r, c): ref_map_at_radius(*problem, r, c) for r in range(4) for c in metrics.RADIUS_CONVENTIONS}
+    return problem, want
+
+
+def test_clustered_problem_has_large_balls_and_ties(clustered):
+    (hd, ld, hq, lq), _ = clustered
+    signs = np.where(hd >= 0, 1, -1) @ np.where(hq >= 0, 1, -1).T          # (N, Q)
+    assert ((hd.shape[1] - signs) / 2 <= 2).mean() > 0.2                   # balls: a fifth of the database
+    scores = hd @ hq[0]
+    _, counts = np.unique(scores, return_counts=True)
+    assert counts.max() >= 10                                               # one query's score ties
+
+
+@pytest.mark.parametrize("method", ["lookup", "lookup-gather", "scan"])
+@pytest.mark.parametrize("members", [None, 300])
+def test_clustered_codes_every_ball_path(clustered, method, members):
+    # members None: every query in one batch; 300: one to three queries per batch.
+    (hd, ld, hq, lq), want = clustered
+    with ball_method(method), member_batch(members):
+        for (radius, convention), expected in want.items():
+            got = metrics.map_at_radius(hd, ld, hq, lq, radius, convention, device="cpu")
+            for key, value in expected.items():
+                assert close(got[key], value), (radius, convention, key, got[key], value)
+
+
+def test_float32_and_bfloat16_sign_products_agree(clustered):
+    # Where the CPU multiplies bfloat16 natively, sign products use it; float32 is the other path.
+    (hd, ld, hq, lq), _ = clustered
+    results = []
+    for bf16 in (True, False):
+        saved, metrics._BF16_SIGNS = metrics._BF16_SIGNS, bf16
+        try:
+            with ball_method("scan"):
+                results.append((metrics.evaluate_retrieval(hd, ld, hq, lq, 2, 50, device="cpu"),
+                                metrics.map_at_radius(hd, ld, hq, lq, 3, device="cpu")))
+        finally:
+            metrics._BF16_SIGNS = saved
+    assert results[0] == results[1]
+
+
+def test_clustered_codes_evaluate_retrieval(clustered, tmp_path):
+    (hd, ld, hq, lq), want = clustered
+    K = hd.shape[1]
+    with ball_method("lookup"), member_batch(300):
+        fast = metrics.evaluate_retrieval(hd, ld, hq, lq, radius=2, topk=50, device="cpu")
+        full = metrics.evaluate_retrieval(hd, ld, hq, lq, radius=2, topk=50, device="cpu", map_curve_radius=-1)
+    assert fast["map_curve_radius"] == 2 and full["map_curve_radius"] == K
+    assert_curves_match_reference((hd, ld, hq, lq), fast, full)
+    assert full["curves"]["map"] == metrics.precision_recall_by_radius(hd, ld, hq, lq, device="cpu")["map"]
+    for key in ("map_radius_deephash", "precision_radius", "map_topk", "map_topk_sign"):
+        assert fast[key] == full[key]
+    for use_sign, key in ((False, "map_topk"), (True, "map_topk_sign")):
+        assert close(fast[key], ref_map_at_topk(hd, ld, hq, lq, 50, use_sign, "hashnet"))
+    assert close(fast["map_radius_mmhh"], want[2, "mmhh"]["map"])
+    json.dumps(fast)                                        # None above map_curve_radius: null
+    assert len(plots.save_retrieval_plots(fast, tmp_path)) == 3
 
 
 # ----------------------------------------------------------------------------------------------
@@ -313,6 +417,30 @@ def test_signed_zero_scores_tie():
     hd = np.array([[-1.0, -1.0], [1.0, 1.0]])
     hq = np.array([[0.0, 0.0]])
     assert metrics.map_at_topk(hd, [[0], [1]], hq, [[1]], 2, device="cpu") == 0.5
+    # In the ball: -0.0 codes have sign +1, so both items are at distance 0 and score -0.0, +0.0.
+    hd = np.array([[-0.0, -0.0], [0.0, 0.0]])
+    for method in ("lookup", "lookup-gather", "scan"):
+        with ball_method(method):
+            assert metrics.map_at_radius(hd, [[0], [1]], hq, [[1]], 0, device="cpu")["map"] == 0.5
+
+
+@FAST
+@given(st.data())
+def test_ranking_of_members_is_exact(data):
+    # The ranking of ball members sorts a quantized score and repairs equal keys: scores closer than
+    # the quantum (1e9 makes it coarse), equal scores and signed zeros, members in any order.
+    n = data.draw(st.integers(0, 60))
+    groups = data.draw(st.integers(1, 4))
+    values = st.sampled_from([0.0, -0.0, 1.0, 1.0 + 2**-40, -1.0, 3.5, 1e9])
+    group = data.draw(st.lists(st.integers(0, groups - 1), min_size=n, max_size=n))
+    score = data.draw(st.lists(values, min_size=n, max_size=n))
+    index = data.draw(st.permutations(range(n)))
+    order, ranked_group = metrics._rank_members(
+        torch.tensor(group, dtype=torch.int64), torch.tensor(score, dtype=torch.float64),
+        torch.tensor(index, dtype=torch.int64), groups)
+    want = sorted(range(n), key=lambda i: (group[i], -score[i], index[i]))
+    assert order.tolist() == want
+    assert ranked_group.tolist() == [group[i] for i in want]
 
 
 def test_empty_balls_split_the_conventions():
@@ -348,16 +476,29 @@ def test_torch_and_numpy_inputs_agree():
     assert as_numpy["precision"] == pytest.approx(as_torch["precision"])
 
 
+DEVICES = ("cpu", "cuda")
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_matches_cpu():
+@pytest.mark.parametrize("method", [None, "lookup", "lookup-gather", "scan"])
+def test_cuda_matches_cpu(method):
+    # Dyadic codes: every product is exact, so both devices must give the very same figures.
     rng = np.random.default_rng(2)
-    hd, hq = rng.choice([-1.0, -0.5, 0.5, 1.0], (300, 16)), rng.choice([-1.0, -0.5, 0.5, 1.0], (20, 16))
-    ld, lq = rng.integers(0, 2, (300, 4)), rng.integers(0, 2, (20, 4))
-    cpu = metrics.evaluate_retrieval(hd, ld, hq, lq, 3, 50, device="cpu")
-    gpu = metrics.evaluate_retrieval(hd, ld, hq, lq, 3, 50, device="cuda")
-    for key in ("map_radius_deephash", "map_radius_mmhh", "map_topk", "map_topk_sign", "map_topk_mmhh"):
-        assert close(cpu[key], gpu[key])
-    assert np.allclose(cpu["curves"]["map"], gpu["curves"]["map"], atol=1e-12, rtol=0)
+    random_codes = (rng.choice([-1.0, -0.5, 0.5, 1.0], (300, 16)), rng.integers(0, 2, (300, 4)),
+                    rng.choice([-1.0, -0.5, 0.5, 1.0], (20, 16)), rng.integers(0, 2, (20, 4)))
+    for problem in (random_codes, clustered_problem(13)):
+        for curve_radius in (None, -1):
+            with ball_method(method):
+                cpu, gpu = (metrics.evaluate_retrieval(*problem, 3, 50, device=device, map_curve_radius=curve_radius)
+                            for device in DEVICES)
+            assert cpu == gpu
+        for radius in (0, 2, 5):
+            with ball_method(method):
+                cpu, gpu = (metrics.map_at_radius(*problem, radius, "mmhh", device=device) for device in DEVICES)
+            assert cpu == gpu
+        for use_sign in (False, True):
+            cpu, gpu = (metrics.precision_at_n(*problem, 40, use_sign, device=device) for device in DEVICES)
+            assert cpu == gpu
 
 
 # ----------------------------------------------------------------------------------------------
@@ -464,7 +605,7 @@ def test_lookup_handles_64_bit_codes():
     ld, lq = np.repeat(np.eye(3), 3, axis=0), np.eye(3)
     for radius in (0, 1, 2):
         want = ref_map_at_radius(hd, ld, hq, lq, radius, "deephash")
-        for method in ("lookup", "matmul"):
+        for method in ("lookup", "lookup-gather", "scan"):
             with ball_method(method):
                 got = metrics.map_at_radius(hd, ld, hq, lq, radius, device="cpu")
             assert got["precision"] == want["precision"] == 1.0
