@@ -62,7 +62,7 @@ def evaluate_model(model, spec, args, device, output_dir=None, query_split="test
     context = {"dataset": spec.name, "query_split": query_split,
                "queries_in_database": count_queries_in_database(queries.paths, database.paths)}
     return score_codes(*codes["database"], *codes[query_split], args.radius, topk, args.opt_test, device,
-                       output_dir, context)
+                       output_dir, context, getattr(args, "map_curve_radius", None))
 
 
 def evaluation_dataset(spec, split, args, leave_out=frozenset()):
@@ -90,17 +90,19 @@ def count_queries_in_database(query_paths, database_paths):
 
 
 def score_codes(database_codes, database_labels, query_codes, query_labels, radius, topk, opt_test,
-                device, output_dir=None, context=None):
+                device, output_dir=None, context=None, map_curve_radius=None):
     """All retrieval metrics of the codes, logged as a table and saved when ``output_dir`` is given.
 
-    ``context`` (the dataset's name, queries_in_database) is added to the result as it is.
+    ``context`` (the dataset's name, queries_in_database) is added to the result as it is;
+    ``map_curve_radius`` is metrics.evaluate_retrieval's (None: the MAP curve up to ``radius``).
     """
     if topk > len(database_codes):
         log.info("R = %d exceeds the database's %d items: MAP@TopK ranks the whole database", topk,
                  len(database_codes))
         topk = -1
     result = metrics.evaluate_retrieval(database_codes, database_labels, query_codes, query_labels,
-                                        radius=radius, topk=topk, device=device)
+                                        radius=radius, topk=topk, device=device,
+                                        map_curve_radius=map_curve_radius)
     result.update({"dataset": None, "query_split": "test", "queries_in_database": None, **(context or {})})
     result.update(code_health.code_health(torch.as_tensor(database_codes)))
     result["convention"] = "mmhh" if opt_test else "deephash"

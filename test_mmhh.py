@@ -42,6 +42,9 @@ def parse_args(argv=None):
                       help="score the .npy codes and labels saved in this folder; no model, no images")
     ours.add_argument("--topk", type=int, default=None,
                       help="R of MAP@TopK (default: the dataset's preset; -1: the whole database)")
+    ours.add_argument("--map_curve_radius", type=int, default=None,
+                      help="MAP curve up to this radius (default: --radius; -1: every radius, which ranks the "
+                           "whole database for every query)")
     ours.add_argument("--seed", type=int, default=0, help="seed of --test_sample_ratio sampling (default 0)")
     ours.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                       help="DataLoader worker processes")
@@ -107,7 +110,7 @@ def score_saved_codes(args, device):
         log.info("R of MAP@TopK: %s (%s)", "the whole database" if topk < 0 else topk,
                  f"dataset '{name}'" if name else "no --dataset given and none recorded in the codes' metrics.json")
     evaluation.score_codes(*codes, args.radius, topk, args.opt_test, device, args.output_path,
-                           {"dataset": name})
+                           {"dataset": name}, args.map_curve_radius)
     return 0
 
 

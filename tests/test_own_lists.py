@@ -116,3 +116,14 @@ def test_offline_imagenet_names_the_file_torchvision_looks_for(tmp_path, monkeyp
 
 def _offline(*args, **kwargs):
     raise OSError("network unreachable")
+
+
+def test_the_map_curve_stops_at_the_radius_unless_asked(tmp_path, tiny_data):
+    assert train_mmhh.main(tiny_train_flags(tmp_path, tiny_data)) == 0
+    codes_dir = tmp_path / "test_output" / "t_iter_00020"
+    curve = json.loads((codes_dir / "metrics.json").read_text())["curves"]["map"]
+    assert len(curve) == 17 and curve[3] is None and curve[2] is not None  # radius 2 of 16 bits
+    common = ["--codes_dir", str(codes_dir), "--gpu_id", "cpu", "--log_dir", str(tmp_path / "log")]
+    assert test_mmhh.main([*common, "--map_curve_radius", "-1", "--output_path", str(tmp_path / "full")]) == 0
+    full = json.loads((tmp_path / "full" / "metrics.json").read_text())["curves"]["map"]
+    assert None not in full and full[:3] == curve[:3]
