@@ -21,11 +21,13 @@ Only the members of a Hamming ball are ranked, never the whole database, unless 
 (the MAP curve at every radius: ``map_curve_radius=-1``).
 """
 import concurrent.futures
-import itertools
-import math
 
 import numpy as np
 import torch
+
+from hamming_index import MAX_TABLE_BITS, CodeTable, pack_signs
+from hamming_index import pair_scores as _pair_scores
+from hamming_index import rank_members as _rank_members
 
 RADIUS_CONVENTIONS = ("deephash", "mmhh")
 TOPK_CONVENTIONS = ("hashnet", "mmhh")
@@ -35,7 +37,7 @@ DEFAULT_MEMORY_BYTES = 512 * 2**20
 _SCAN_BYTES_PER_PAIR = 45       # (c, N): sign and float64 products, ball mask, members if all are in
 _PRODUCT_BYTES_PER_PAIR = 8     # (c, N): float64 products
 _BYTES_PER_MEMBER = 128         # per ball member: indices, distance, score, sort keys and permutations, table
-_BYTES_PER_PROBE = 48           # (c, P): probe keys, search positions, hit flags and counts
+_BYTES_PER_PROBE = 48           # (c, P): prefixes read, directory entries, hit flags and counts
 _SIGN_BYTES_PER_PAIR = 16       # (N, c): sign products, int32 relevance and histogram cells, mask
 _TOPK_BYTES_PER_PAIR = 24       # (c, N): float64 scores, the selection mask, topk scratch
 _TOPK_BYTES_PER_HIT = 72        # (c, R): indices, gathered scores, ranks, relevance, cumsums
@@ -403,32 +405,38 @@ def _ball_method(data, radius):
 
     * "scan": b_q . b_x with every item (exact integer products), and the members' scores read off the
       float64 products h_q . h_x with every item (BLAS);
-    * "lookup": hash probes of the codes within ``radius`` (K <= 64), scores off the products;
-    * "lookup-gather": hash probes, each member's score from its gathered code: no Q x N work at
-      all, the fastest when balls hold a few per cent of the database or less.
+    * "lookup": the table of packed sign codes (hamming_index.CodeTable, K <= 64), scores off the
+      products;
+    * "lookup-gather": the table, each member's score from its gathered code: no Q x N work at all,
+      the fastest when balls hold a few per cent of the database or less.
 
-    The balls' mean size is measured by probing a sample of queries.
+    The lookup's cost (rows checked) and the balls' mean size are measured on a sample of queries.
     """
     if _FORCE_BALL_METHOD is not None:
         return _FORCE_BALL_METHOD
     costs = {"scan": data.N * (1 + _SCAN_COST)}
-    probes = sum(math.comb(data.K, i) for i in range(min(radius, data.K) + 1))
-    if data.K <= 64 and probes * _PROBE_COST < costs["scan"]:
+    table = _code_table(data) if data.K <= MAX_TABLE_BITS else None
+    if table is not None and table.probes(radius) * _PROBE_COST < costs["scan"]:
         sample = torch.linspace(0, data.Q - 1, min(data.Q, _SAMPLE_QUERIES), device=data.device).long()
-        masks = _flip_masks(data.K, radius, data.device)[0]
-        mean_ball = float(_probe(_code_table(data), _pack_signs(data.bq[sample]), masks)[2].to(torch.float64).mean())
-        costs["lookup"] = probes * _PROBE_COST + data.N
-        costs["lookup-gather"] = probes * _PROBE_COST + mean_ball * _GATHER_COST
+        keys, step = pack_signs(data.bq[sample]), table.query_block(radius)
+        checked = members = 0
+        for start in range(0, keys.numel(), step):
+            hits = table.within(keys[start:start + step], radius)
+            checked += hits.candidates
+            members += int(table.sizes(hits.row).sum())
+        lookup = (table.probes(radius) + checked / sample.numel()) * _PROBE_COST
+        costs["lookup"] = lookup + data.N
+        costs["lookup-gather"] = lookup + members / sample.numel() * _GATHER_COST
     return min(costs, key=costs.get)
 
 
 _FORCE_BALL_METHOD = None       # tests set one of _ball_method's answers to check every path
 _SAMPLE_QUERIES = 256           # queries probed to choose the method
 # Costs per query in units of one item's float64 product h_q . h_x, measured on the CPU (K = 48-64):
-# the sign product, mask and member extraction of a scanned item; a probe (binary search); a
-# member's score from its gathered code.
+# the sign product, mask and member extraction of a scanned item; a prefix read or a row checked in
+# the table; a member's score from its gathered code.
 _SCAN_COST = 1.2
-_PROBE_COST = 13
+_PROBE_COST = 5
 _GATHER_COST = 17
 
 
@@ -454,135 +462,40 @@ def _ball_members_scan(data, radius, budget):
 
 
 def _ball_members_lookup(data, radius, budget, gather=False):
-    """Ball members by hash lookup: probe every code within ``radius`` of the query's (K <= 64).
-
-    Each of the sum_{i<=r} C(K, i) probes (query key XOR a mask of at most r bits) is a binary
-    search in the database's sorted distinct keys: O(#probes * log N + #members) per query instead of
-    O(N * K). Members come by query, then by probe. Scores are read off each chunk's float64 products
-    h_q . h_x, or with ``gather`` computed member by member.
+    """Ball members by table lookup (hamming_index.CodeTable, K <= 64): each query reads the buckets
+    of the prefixes within ``radius`` of its code's and keeps the codes within ``radius``, O(#prefixes
+    + #codes checked + #members) instead of O(N * K). Members come by query. Scores are read off each
+    chunk's float64 products h_q . h_x, or with ``gather`` computed member by member.
     """
     dev, N = data.device, data.N
     batch = _batch_budget(budget, dev)
     table = _code_table(data)
-    masks, flips = _flip_masks(data.K, radius, dev)             # (P,) each
-    q_keys = _pack_signs(data.bq)                               # (Q,)
-    per_query = masks.numel() * _BYTES_PER_PROBE + (0 if gather else N * _PRODUCT_BYTES_PER_PAIR)
+    q_keys = pack_signs(data.bq)                                # (Q,)
+    per_query = table.probes(radius) * _BYTES_PER_PROBE + (0 if gather else N * _PRODUCT_BYTES_PER_PAIR)
     chunks = _query_chunks(data, per_query, batch if gather else budget)
     scores = None if gather else _product_buffer(data, chunks, torch.float64)
+    step = table.query_block(radius)
     for start, stop in chunks:
-        slot, hit, sizes = _probe(table, q_keys[start:stop], masks)
         if not gather:
             torch.matmul(data.hq[start:stop], data.hd.T, out=scores[:stop - start])   # (c, N)
-        for a, b in _chunks_by_cost(sizes.cpu() * _BYTES_PER_MEMBER, batch):
-            qh, ph = hit[a:b].nonzero(as_tuple=True)            # (H,) probes that hit, by query
-            found = slot[a:b][qh, ph]
-            n = table.counts[found]                             # items behind each hit
-            xi = table.by_key[_ranges(table.firsts[found], n)]
-            qi = torch.repeat_interleave(qh, n)                 # (M,) by query, then by probe
-            dist = torch.repeat_interleave(flips[ph], n)
-            score = (_pair_scores(data.hq[start + a:start + b], data.hd, qi, xi, batch) if gather
-                     else scores[a:b].view(-1)[qi * N + xi])
-            yield start + a, start + b, qi, xi, dist, score
-
-
-class _CodeTable:
-    """The database's distinct packed sign codes, sorted, with the items behind each."""
+        for first in range(start, stop, step):
+            last = min(stop, first + step)
+            query, row, dist, _ = table.within(q_keys[first:last], radius)   # (H,) codes found, by query
+            sizes = torch.zeros(last - first, dtype=torch.int64, device=dev).index_add_(0, query, table.sizes(row))
+            bounds = [0] + torch.bincount(query, minlength=last - first).cumsum(0).tolist()
+            for a, b in _chunks_by_cost(sizes.cpu() * _BYTES_PER_MEMBER, batch):
+                lo, hi = bounds[a], bounds[b]
+                qi, xi, d = table.items(query[lo:hi] - a, row[lo:hi], dist[lo:hi])   # (M,) by query
+                score = (_pair_scores(data.hq[first + a:first + b], data.hd, qi, xi, batch) if gather
+                         else scores[first - start + a:first - start + b].view(-1)[qi * N + xi])
+                yield first + a, first + b, qi, xi, d, score
 
 
 def _code_table(data):
-    """Built once per input and kept on ``data``."""
+    """The table of the database's sign codes, built once per input and kept on ``data``."""
     if getattr(data, "code_table", None) is None:
-        table = data.code_table = _CodeTable()
-        sorted_keys, table.by_key = torch.sort(_pack_signs(data.bd), stable=True)   # equal keys keep index order
-        table.keys, table.counts = torch.unique_consecutive(sorted_keys, return_counts=True)   # (U,)
-        table.firsts = table.counts.cumsum(0) - table.counts    # (U,) offset of each key's items
+        data.code_table = CodeTable(pack_signs(data.bd), data.K)
     return data.code_table
-
-
-def _probe(table, q_keys, masks):
-    """Binary searches of every probe key: (c, P) slot and hit, and (c,) ball sizes."""
-    probes = q_keys[:, None] ^ masks                            # (c, P) distinct per query
-    slot = torch.searchsorted(table.keys, probes).clamp_(max=table.keys.numel() - 1)
-    hit = table.keys[slot] == probes
-    return slot, hit, torch.where(hit, table.counts[slot], 0).sum(1)
-
-
-def _pack_signs(signs):
-    """(n,) int64 keys of (n, K <= 64) +-1 codes: bit k set where code k is +1 (bit 63 is the sign bit)."""
-    k = signs.shape[1]
-    weights = torch.tensor(_bit_values(k), dtype=torch.int64, device=signs.device)
-    return ((signs > 0).to(torch.int64) * weights).sum(1)      # distinct powers: the sum is an OR
-
-
-def _bit_values(k):
-    """int64 value of each bit 0..k-1 (two's complement for bit 63)."""
-    return [(1 << i) - (1 << 64 if i == 63 else 0) for i in range(k)]
-
-
-def _flip_masks(k, radius, device):
-    """(P,) int64 XOR masks with at most ``radius`` of the k bits set, P = sum_{i<=r} C(k, i), and
-    (P,) how many bits each sets (the Hamming distance of its probe)."""
-    bits = _bit_values(k)
-    combos = [combo for size in range(min(radius, k) + 1) for combo in itertools.combinations(bits, size)]
-    return (torch.tensor([sum(combo) for combo in combos], dtype=torch.int64, device=device),
-            torch.tensor([len(combo) for combo in combos], dtype=torch.int64, device=device))
-
-
-def _rank_members(group, score, index, n_groups):
-    """Order members by (group, -score, index): the permutation, and the group in that order.
-
-    One stable radix sort of a 31-bit key -- the group, then the score quantized over the batch's
-    range -- orders everything but the runs of equal keys: the quantization is monotone, so members
-    with different keys are in score order already. Inside a run, scores closer than the quantum or
-    equal scores out of index order are sorted exactly (three sorts of those runs only; rare for
-    continuous codes). Integer sorts are radix sorts on the CPU, several times faster than float
-    ones, and int32 keys twice as fast as int64.
-    """
-    group_bits = max(1, (n_groups - 1).bit_length())
-    score_bits = max(16, 31 - group_bits)
-    key_type = torch.int32 if group_bits + score_bits <= 31 else torch.int64
-    if score.numel():
-        low, high = (float(v) for v in torch.aminmax(score))
-        span = high - low
-        scale = (2**score_bits - 1) / span if 0 < span < math.inf else 0.0
-        quantum = ((high - score) * scale).to(key_type)         # decreasing with the score, never crossing it
-    else:
-        quantum = torch.zeros_like(group, dtype=key_type)
-    keys, order = torch.sort(group.to(key_type) << score_bits | quantum, stable=True)
-    tie = (keys[1:] == keys[:-1]).nonzero().flatten()           # (P,) positions equal to the next
-    before, after = order[tie], order[tie + 1]
-    wrong = tie[(score[after] > score[before]) | ((score[after] == score[before]) & (index[after] < index[before]))]
-    if wrong.numel():
-        bad = torch.unique(keys[wrong])                         # the runs to redo, by key
-        first = torch.searchsorted(keys, bad)
-        length = torch.searchsorted(keys, bad, right=True) - first
-        run = torch.repeat_interleave(torch.arange(bad.numel(), device=keys.device), length)
-        where = _ranges(first, length)                          # their positions, run by run
-        members = order[where]
-        order[where] = members[_exact_order(run, score[members], index[members])]
-    return order, keys >> score_bits
-
-
-def _ranges(first, length):
-    """The concatenated ranges [first, first + length) of (n,) tensors."""
-    start_in_output = length.cumsum(0) - length
-    return (torch.repeat_interleave(first - start_in_output, length)
-            + torch.arange(int(length.sum()), device=first.device))
-
-
-def _exact_order(group, score, index):
-    """Permutation ordering by (group, -score, index): three stable sorts, least significant first."""
-    by_index = torch.sort(index, stable=True).indices
-    by_score = by_index[torch.sort(_descending_key(score[by_index]), stable=True).indices]
-    return by_score[torch.sort(group[by_score], stable=True).indices]
-
-
-def _descending_key(score):
-    """int64 keys whose increasing order is the float64 scores' decreasing order (-0.0 = +0.0)."""
-    bits = (score + 0.0).view(torch.int64)                      # IEEE bits; + 0.0 turns -0.0 into +0.0
-    # Non-negative floats order as their bits; negative ones in reverse: flip their magnitude bits.
-    increasing = bits ^ ((bits >> 63) & 0x7FFF_FFFF_FFFF_FFFF)
-    return ~increasing                                          # ~x = -1 - x reverses the order exactly
 
 
 def _ball_ap(group, rel, sizes):
@@ -775,19 +688,6 @@ def _ranked_ap(rel, positions):
 # ----------------------------------------------------------------------------------------------
 # Selection and ranking helpers
 # ----------------------------------------------------------------------------------------------
-
-def _pair_scores(hq_chunk, hd, qi, xi, budget):
-    """float64 inner products h_q . h_x of the (query, item) pairs, in blocks of bounded memory."""
-    m, k = qi.numel(), hd.shape[1]
-    scores = torch.empty(m, dtype=torch.float64, device=hd.device)
-    block = max(1, budget // (k * 8 * 4))
-    for b0 in range(0, m, block):
-        b1 = min(m, b0 + block)
-        # einsum runs as a batched matrix product: several times faster than multiply-then-sum.
-        scores[b0:b1] = torch.einsum("mk,mk->m", hq_chunk.index_select(0, qi[b0:b1]),
-                                     hd.index_select(0, xi[b0:b1]))
-    return scores
-
 
 def _rank_top(scores, top_r):
     """(c, R) indices of each row's R best scores, ordered by (-score, index).

@@ -1,7 +1,9 @@
-"""PNG plots of the retrieval curves that metrics.evaluate_retrieval returns."""
+"""PNG plots of the retrieval curves that metrics.evaluate_retrieval returns, and of retrieved images."""
 import os
 
 import matplotlib
+import numpy as np
+from PIL import Image
 
 matplotlib.use("Agg")      # files only: never needs a display
 
@@ -72,6 +74,54 @@ def save_map_vs_bits(series, out_dir, name="map_vs_bits.png", ylabel="MAP@H<=2 (
            title=f"{ylabel} against code length (mean and std over seeds)")
     ax.legend(fontsize="small")
     return _save(fig, out_dir, name)
+
+
+def save_retrieval_grid(path, query_paths, answers, database_paths, radius):
+    """Each query's image beside its results (hamming_index.Answer), best first, with the Hamming
+    distance under each result and a green (relevant) or red (not) frame when relevance is known.
+    An empty ball is said so; nearest codes returned for one are marked. Written atomically to ``path``.
+
+    The tiles are pasted into one picture drawn on one axes: a figure of tens of small axes takes
+    seconds to save, and evaluation draws this grid after every run.
+    """
+    columns = 1 + max([len(answer.index) for answer in answers] + [1])
+    step_x, step_y = _TILE + 2 * _FRAME + 6, _TILE + 2 * _FRAME + 16     # room for the caption below
+    canvas = np.full((len(answers) * step_y, columns * step_x, 3), 255, dtype=np.uint8)
+    fig = Figure(figsize=(canvas.shape[1] / 100, canvas.shape[0] / 100 + 0.3))
+    ax = fig.add_subplot()
+    for row, (query, answer) in enumerate(zip(query_paths, answers)):
+        note = "query, ball empty: nearest" if answer.fallback else f"query, ball {answer.ball_size}"
+        cells = [(query, note, None)]
+        relevant = answer.relevant.tolist() if answer.relevant is not None else [None] * len(answer.index)
+        for item, distance, good in zip(answer.index.tolist(), answer.distance.tolist(), relevant):
+            cells.append((database_paths[item] if database_paths is not None else None, f"d = {distance}", good))
+        if not len(answer.index):
+            cells.append((None, f"empty ball (r = {radius})", None))
+        for column, (image, caption, good) in enumerate(cells):
+            top, left = row * step_y, column * step_x
+            canvas[top:top + _TILE + 2 * _FRAME, left:left + _TILE + 2 * _FRAME] = _FRAME_COLOURS[good]
+            canvas[top + _FRAME:top + _FRAME + _TILE, left + _FRAME:left + _FRAME + _TILE] = _tile(image)
+            ax.text(left + _FRAME + _TILE / 2, top + 2 * _FRAME + _TILE + 1, caption, ha="center", va="top",
+                    fontsize=6)
+    ax.imshow(canvas, interpolation="nearest")
+    ax.axis("off")
+    ax.set_title(f"Hamming ball of radius {radius}: results by continuous score")
+    return _save(fig, os.path.dirname(os.path.abspath(path)), os.path.basename(path))
+
+
+_TILE, _FRAME = 72, 3               # pixels
+_FRAME_COLOURS = {True: (40, 170, 60), False: (220, 40, 40), None: (235, 235, 235)}
+
+
+def _tile(path):
+    """The image at ``path`` as a (_TILE, _TILE, 3) array; grey when there is none or it cannot be read."""
+    try:
+        with Image.open(path) as image:
+            # Small images (Fashion-MNIST's 28 pixels) are enlarged by pixel repetition, not blurred.
+            smooth = Image.Resampling.BICUBIC if min(image.size) >= _TILE else Image.Resampling.NEAREST
+            return np.asarray(image.convert("RGB").resize((_TILE, _TILE), smooth))
+    except (OSError, ValueError, TypeError, AttributeError):    # gone since indexing, or no path
+        return np.full((_TILE, _TILE, 3), 200, dtype=np.uint8)
 
 
 def _save(fig, out_dir, name):

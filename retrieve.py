@@ -1,0 +1,304 @@
+"""Ask a trained MMHH model for the database images near a query image: every item within Hamming radius
+r of the query's sign code, found by table lookup and ranked by the continuous score, printed as a
+table, and optionally written as JSON and drawn as a picture (README, "Retrieval: the Hamming-ball lookup").
+
+    python retrieve.py --model_path SNAPSHOT --dataset fashion_mnist --save_index fashion.index
+    python retrieve.py --index fashion.index --model_path SNAPSHOT --query shoe.png --grid shoe.png
+    python retrieve.py --codes_dir test_output/demo --dataset fashion_mnist --save_index demo.index
+"""
+import argparse
+import json
+import logging
+import os
+import sys
+
+import torch
+
+import checkpoint
+import data_list
+import evaluation
+import plots
+from hamming_index import HammingIndex
+from network import encode
+from runtime import UsageError, run_cli, select_device, setup_logging, write_text_atomically
+
+log = logging.getLogger("mmhh")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="Hamming-ball retrieval with an MMHH model: index a "
+                                                 "database, query it with images, see the answers.")
+    database = parser.add_argument_group("the database: --index, --codes_dir, or --model_path with a list")
+    database.add_argument("--index", default=None, help="index file written by --save_index")
+    database.add_argument("--codes_dir", default=None,
+                          help="test_mmhh.py output folder: database_code.npy and database_labels.npy")
+    database.add_argument("--model_path", default=None,
+                          help="snapshot of train_mmhh.py: encodes the query images, and the database when "
+                               "neither --index nor --codes_dir is given")
+    database.add_argument("--dataset", default=None,
+                          help="dataset under --data_dir whose database list is indexed (default: the "
+                               "snapshot's --t_dataset); with --codes_dir, the list that names the items")
+    database.add_argument("--database_list", default=None, help="database list file (overrides the dataset's)")
+    database.add_argument("--data_dir", default="data", help="folder of the dataset folders (default data)")
+    database.add_argument("--data_root", default=None,
+                          help="folder that relative image paths of the lists are relative to "
+                               "(default: each list's folder)")
+    database.add_argument("--save_index", default=None,
+                          help="write the index (codes, paths, labels) to this file for later --index runs")
+    queries = parser.add_argument_group("queries")
+    queries.add_argument("--query", nargs="+", default=[], metavar="IMAGE", help="query image files")
+    queries.add_argument("--query_list", default=None,
+                         help="list of query images, one 'path [l1 ... lC]' a line; labels are optional: given "
+                              "on every line (0/1, as the database's), the results are marked relevant or not")
+    answers = parser.add_argument_group("answers")
+    answers.add_argument("--radius", type=int, default=2, help="Hamming radius of the ball (default 2)")
+    answers.add_argument("--topk", type=int, default=10, help="results shown per query (default 10)")
+    answers.add_argument("--fallback_topk", type=int, default=0,
+                         help="for an empty ball, show this many nearest codes instead, by Hamming distance "
+                              "then score (default 0: none)")
+    answers.add_argument("--json", default=None, help="write the answers to this JSON file")
+    answers.add_argument("--grid", default=None, help="draw each query beside its results into this PNG file")
+    answers.add_argument("--overwrite", action="store_true",
+                         help="replace existing --save_index, --json and --grid files instead of stopping")
+    encoding = parser.add_argument_group("encoding, as test_mmhh.py")
+    encoding.add_argument("--gpu_id", default="0", help="CUDA device index; 'cpu' forces the CPU (default 0)")
+    encoding.add_argument("--batch_size", type=int, default=16, help="images per encoding batch (default 16)")
+    encoding.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                          help="DataLoader worker processes")
+    encoding.add_argument("--amp", action="store_true", help="encode under bfloat16 autocast (codes stay float32)")
+    encoding.add_argument("--resize_size", type=int, default=None, help="default: the snapshot's")
+    encoding.add_argument("--crop_size", type=int, default=None, help="default: the snapshot's")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    check_flags(args)
+    setup_logging(None, None, to_file=False)
+    device = select_device(args.gpu_id)
+    snapshot = checkpoint.load_snapshot(args.model_path) if args.model_path else None
+    model = None
+    if snapshot:
+        args.resize_size = args.resize_size or snapshot["args"]["resize_size"]
+        args.crop_size = args.crop_size or snapshot["args"]["crop_size"]
+        model = checkpoint.model_from_snapshot(snapshot).to(device)
+    index = database_index(args, snapshot, model, device)
+    if args.grid and index.paths is None:
+        raise UsageError(f"--grid draws the database's images, but {args.index or args.codes_dir} has no image "
+                         "paths; give the list the codes were made from (--dataset NAME or --database_list FILE)")
+    if args.save_index:
+        index.save(args.save_index)
+        log.info("saved the index of %d %d-bit codes to %s", len(index), index.bits, args.save_index)
+    if not (args.query or args.query_list):
+        return 0
+    query_paths, query_labels, origins = read_queries(args, index)
+    queries = data_list.ImageList(query_paths, torch.zeros(len(query_paths), 1), image_transform(args), origins)
+    query_codes = encode_images(model, queries, args, device, "encoding queries")
+    answers = index.search(query_codes, args.radius, args.topk, args.fallback_topk, query_labels)
+    print_answers(query_paths, answers, index, args)
+    if args.json:
+        write_text_atomically(args.json, json.dumps(answers_json(query_paths, answers, index), indent=1))
+        log.info("wrote %s", args.json)
+    if args.grid:
+        plots.save_retrieval_grid(args.grid, query_paths, answers, index.paths, args.radius)
+        log.info("drew %s", args.grid)
+    return 0
+
+
+def check_flags(args):
+    """Every flag problem before any work: one line each."""
+    sources = [flag for flag in ("index", "codes_dir") if getattr(args, flag)]
+    if len(sources) > 1:
+        raise UsageError("give one database: --index FILE or --codes_dir DIR, not both")
+    if not sources and not args.model_path:
+        raise UsageError("give the database: --index FILE, --codes_dir DIR, or --model_path SNAPSHOT with "
+                         "--dataset NAME or --database_list FILE")
+    if args.index and (args.dataset or args.database_list):
+        raise UsageError(f"--index {args.index} holds its database already; drop --dataset/--database_list")
+    if (args.query or args.query_list) and not args.model_path:
+        raise UsageError("queries are images: give --model_path SNAPSHOT, the network that made the index's codes")
+    if args.query and args.query_list:
+        raise UsageError("give --query IMAGE ... or --query_list FILE, not both")
+    if not (args.query or args.query_list or args.save_index):
+        raise UsageError("nothing to do: give --query IMAGE ... or --query_list FILE, or --save_index FILE")
+    if (args.json or args.grid) and not (args.query or args.query_list):
+        raise UsageError("--json and --grid hold answers to queries: give --query IMAGE ... or --query_list FILE")
+    for flag, low in (("radius", 0), ("topk", 1), ("fallback_topk", 0), ("batch_size", 1), ("workers", 0)):
+        if getattr(args, flag) < low:
+            raise UsageError(f"--{flag} {getattr(args, flag)}: must be at least {low}")
+    if args.grid and not args.grid.lower().endswith(".png"):
+        raise UsageError(f"--grid {args.grid}: the picture is a PNG file; name it *.png")
+    existing = [path for path in (args.save_index, args.json, args.grid) if path and os.path.exists(path)]
+    if existing and not args.overwrite:
+        raise UsageError(f"{', '.join(existing)} already exist(s); pass other names, or --overwrite to replace them")
+
+
+def database_index(args, snapshot, model, device):
+    """The index to query: loaded, made from saved codes, or encoded from a database list."""
+    if args.index:
+        index = HammingIndex.load(args.index)
+        log.info("index %s: %d %d-bit codes%s", args.index, len(index), index.bits,
+                 "" if index.paths else " (no image paths: items are named by database index)")
+    elif args.codes_dir:
+        index = saved_codes_index(args)
+    else:
+        index = encoded_index(args, snapshot["args"]["t_dataset"], model, device)
+    if snapshot:
+        check_snapshot_fits(args.model_path, snapshot, index, args.index or args.codes_dir)
+    return index
+
+
+def saved_codes_index(args):
+    """An index of test_mmhh.py's saved database codes, the items named by the list given, if any."""
+    database_codes, database_labels, _, _ = evaluation.load_codes(args.codes_dir)
+    paths = None
+    if args.dataset or args.database_list:
+        list_path, paths, _ = read_database_list(args, None)
+        if len(paths) != len(database_codes):
+            raise UsageError(f"{list_path} lists {len(paths)} images but --codes_dir {args.codes_dir} holds "
+                             f"{len(database_codes)} codes: give the database list the codes were made from")
+    else:
+        recorded = evaluation.saved_dataset_name(args.codes_dir)
+        log.info("no image paths: items are named by database index; to name them, pass the list the codes were "
+                 "made from (--dataset NAME or --database_list FILE%s)",
+                 f"; metrics.json records dataset '{recorded}'" if recorded else "")
+    source = {"codes_dir": os.path.abspath(args.codes_dir), "dataset": args.dataset}
+    return HammingIndex(database_codes, paths, database_labels, source)
+
+
+def encoded_index(args, default_dataset, model, device):
+    """Encode a database list (--database_list, else --dataset's, else the snapshot's dataset's)."""
+    list_path, paths, labels = read_database_list(args, default_dataset)
+    data_list.check_images_exist(paths, list_path)
+    log.info("indexing the %d images of %s", len(paths), list_path)
+    database = data_list.ImageList(paths, labels, image_transform(args), data_list.line_origins(list_path))
+    codes = encode_images(model, database, args, device, "encoding database")
+    source = {"model_path": os.path.abspath(args.model_path), "database_list": os.path.abspath(list_path)}
+    return HammingIndex(codes, paths, labels, source)
+
+
+def read_database_list(args, default_dataset):
+    """(list file, absolute image paths, (N, C) labels) of --database_list, else of the dataset's list."""
+    if args.database_list and not args.dataset:
+        list_path, root = args.database_list, args.data_root
+    else:
+        spec = data_list.resolve_dataset(args.dataset or default_dataset, args.data_dir,
+                                         database_list=args.database_list, data_root=args.data_root,
+                                         needs=("database",))
+        list_path, root = data_list.require_list(spec, "database"), spec.data_root
+    paths, labels = data_list.read_image_list(list_path, root)
+    return list_path, [os.path.abspath(path) for path in paths], labels
+
+
+def check_snapshot_fits(model_path, snapshot, index, index_name):
+    """The query network must make codes of the index's length, and should be the one that made them."""
+    bits = snapshot["args"]["hash_bit"]
+    if bits != index.bits:
+        raise UsageError(f"snapshot {model_path} makes {bits}-bit codes, but {index_name} holds {index.bits}-bit "
+                         "codes; query with the snapshot that made the index")
+    made_by = index.source.get("model_path")
+    if made_by and made_by != os.path.abspath(model_path):
+        log.warning("warning: %s was made by snapshot %s, the queries are encoded by %s: their codes compare "
+                    "only if it is the same network", index_name, made_by, model_path)
+
+
+def read_queries(args, index):
+    """Query image paths, their 0/1 labels (Q, C) or None, and where each came from (for error lines)."""
+    if args.query:
+        for path in args.query:
+            if not os.path.isfile(path):
+                raise data_list.DataError(f"--query {path}: no such image file")
+        return list(args.query), None, ["--query"] * len(args.query)
+    with_labels = _lines_with_labels(args.query_list)
+    if with_labels:
+        paths, labels = data_list.read_image_list(args.query_list, args.data_root)
+        labels = torch.as_tensor(labels)
+        if index.labels is None:
+            log.info("the index has no labels: relevance is not shown")
+        elif labels.shape[1] != index.labels.shape[1]:
+            raise UsageError(f"{args.query_list} has {labels.shape[1]} labels a line but the index's items have "
+                             f"{index.labels.shape[1]}: give queries labelled like the database")
+    else:
+        base = args.data_root if args.data_root is not None else os.path.dirname(os.path.abspath(args.query_list))
+        with open(args.query_list, encoding="utf-8") as handle:
+            paths = [os.path.join(base, line.split()[0]) for line in handle if line.split()]
+        labels = None
+    data_list.check_images_exist(paths, args.query_list)
+    return paths, labels, data_list.line_origins(args.query_list)
+
+
+def _lines_with_labels(list_path):
+    """Whether the list's lines carry labels: all of them (True) or none (False)."""
+    if not os.path.isfile(list_path):
+        raise data_list.DataError(f"--query_list {list_path} does not exist")
+    with open(list_path, encoding="utf-8") as handle:
+        widths = {len(line.split()) > 1 for line in handle if line.split()}
+    if not widths:
+        raise data_list.DataError(f"{list_path}: the list is empty; it needs one 'path [l1 ... lC]' line per image")
+    if len(widths) > 1:
+        raise data_list.DataError(f"{list_path}: some lines have labels and some do not; give 0/1 labels on "
+                                  "every line or on none")
+    return widths.pop()
+
+
+def image_transform(args):
+    """The evaluation transform at the snapshot's (or the flags') sizes."""
+    return data_list.test_transform(args.resize_size, args.crop_size)
+
+
+def encode_images(model, dataset, args, device, description):
+    """(n, K) continuous codes of an ImageList's images."""
+    loader = data_list.evaluation_loader(dataset, args.batch_size, args.workers)
+    codes, _ = encode(model, loader, device, description=description, amp=args.amp)
+    return codes
+
+
+def print_answers(query_paths, answers, index, args):
+    """A table per query: rank, Hamming distance, score, relevance (when known), item."""
+    for number, (query, answer) in enumerate(zip(query_paths, answers), start=1):
+        print(f"\nquery {number}/{len(answers)}: {query}")
+        if answer.fallback:
+            print(f"  ball of radius {args.radius}: empty; the {len(answer.index)} nearest codes, by Hamming "
+                  "distance then score:")
+        elif answer.ball_size == 0:
+            print(f"  ball of radius {args.radius}: empty (--fallback_topk N shows the N nearest codes instead)")
+            continue
+        else:
+            print(f"  ball of radius {args.radius}: {answer.ball_size} items, the first {len(answer.index)} by score:")
+        relevant = answer.relevant.tolist() if answer.relevant is not None else None
+        header = f"  {'rank':>4}  {'distance':>8}  {'score':>10}  "
+        print(header + ("relevant  " if relevant is not None else "") + "item")
+        for rank, (item, distance, score) in enumerate(zip(answer.index.tolist(), answer.distance.tolist(),
+                                                            answer.score.tolist())):
+            mark = f"{'yes' if relevant[rank] else 'no':<8}  " if relevant is not None else ""
+            print(f"  {rank + 1:>4}  {distance:>8}  {score:>10.4f}  {mark}{item_name(index, item)}")
+
+
+def answers_json(query_paths, answers, index):
+    """[{query, ball_size, fallback, results: [{rank, index, path, distance, score[, relevant]}]}]."""
+    documents = []
+    for query, answer in zip(query_paths, answers):
+        results = []
+        for rank, (item, distance, score) in enumerate(zip(answer.index.tolist(), answer.distance.tolist(),
+                                                            answer.score.tolist()), start=1):
+            result = {"rank": rank, "index": item, "path": index.paths[item] if index.paths else None,
+                      "distance": distance, "score": score}
+            if answer.relevant is not None:
+                result["relevant"] = bool(answer.relevant[rank - 1])
+            results.append(result)
+        documents.append({"query": query, "ball_size": answer.ball_size, "fallback": answer.fallback,
+                          "results": results})
+    return documents
+
+
+def item_name(index, item):
+    """A database item as the table shows it: its path relative to here when shorter, else #index."""
+    if not index.paths:
+        return f"#{item}"
+    path = index.paths[item]
+    relative = os.path.relpath(path)
+    return relative if len(relative) < len(path) else path
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
