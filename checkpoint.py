@@ -97,6 +97,23 @@ def capture_rng_state():
     }
 
 
+def rng_entries(states):
+    """Snapshot entries of every rank's generator states: ``rng`` is rank 0's (a single process's), and
+    ``other_ranks_rng`` lists the other ranks' in rank order, when there are any."""
+    return {"rng": states[0], **({"other_ranks_rng": states[1:]} if len(states) > 1 else {})}
+
+
+def saved_world_size(snapshot):
+    """How many processes trained the run a snapshot saved."""
+    return 1 + len(snapshot.get("other_ranks_rng", []))
+
+
+def rank_rng_state(snapshot, rank):
+    """The generator states ``rank`` saved, or None when the saved run had fewer ranks."""
+    states = [snapshot["rng"], *snapshot.get("other_ranks_rng", [])]
+    return states[rank] if rank < len(states) else None
+
+
 def restore_rng_state(state):
     """Undo ``capture_rng_state``."""
     version, internal, gauss = state["python"]

@@ -20,6 +20,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms
 
+from distributed import rank_seed
 from runtime import CliError
 
 SPLITS = ("train", "test", "database")
@@ -249,15 +250,20 @@ class EpochBatchSampler(Sampler):
     """Endless shuffled batches; batch t depends only on (seed, t), so a resumed run sees the same data.
 
     Each epoch is a fresh permutation drawn from ``seed + epoch``; the last incomplete batch of an
-    epoch is dropped so every batch has ``batch_size`` items.
+    epoch is dropped so every batch has ``batch_size`` items. ``batch_size`` is the global batch: with
+    ``shard`` (rank, world size) a rank yields its contiguous slice of each, so the ranks together see the
+    single-process run's batches at any world size (README: Many GPUs).
     """
 
-    def __init__(self, num_items, batch_size, seed, start_iteration=0):
+    def __init__(self, num_items, batch_size, seed, start_iteration=0, shard=(0, 1)):
         if num_items < batch_size:
             raise DataError(f"the training list has {num_items} images, fewer than --batch_size {batch_size}")
         self.num_items, self.batch_size, self.seed = num_items, batch_size, seed
         self.start_iteration = start_iteration
         self.batches_per_epoch = num_items // batch_size
+        rank, world_size = shard
+        self.share = batch_size // world_size
+        self.offset = rank * self.share
 
     def __iter__(self):
         epoch, position = divmod(self.start_iteration, self.batches_per_epoch)
@@ -265,24 +271,31 @@ class EpochBatchSampler(Sampler):
             generator = torch.Generator().manual_seed(self.seed + epoch)
             order = torch.randperm(self.num_items, generator=generator)
             for batch in range(position, self.batches_per_epoch):
-                yield order[batch * self.batch_size:(batch + 1) * self.batch_size].tolist()
+                first = batch * self.batch_size + self.offset
+                yield order[first:first + self.share].tolist()
             epoch, position = epoch + 1, 0
 
 
-def training_loader(dataset, batch_size, workers, seed, start_iteration=0):
-    """An endless loader of shuffled training batches that resumes at ``start_iteration``."""
-    sampler = EpochBatchSampler(len(dataset), batch_size, seed, start_iteration)
-    # The generator fixes the workers' seeds, so a run (or a resumed run) is reproducible.
-    generator = torch.Generator().manual_seed(seed + start_iteration)
+def training_loader(dataset, batch_size, workers, seed, start_iteration=0, shard=(0, 1)):
+    """An endless loader of shuffled training batches that resumes at ``start_iteration``.
+
+    ``shard`` (rank, world size): this rank's slice of each global batch of ``batch_size``.
+    """
+    sampler = EpochBatchSampler(len(dataset), batch_size, seed, start_iteration, shard)
+    # The generator fixes the workers' seeds, so a run (or a resumed run) is reproducible; each rank
+    # augments its images with its own draws.
+    generator = torch.Generator().manual_seed(rank_seed(seed + start_iteration, shard[0]))
     return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, generator=generator,
                       worker_init_fn=_seed_worker, pin_memory=torch.cuda.is_available(),
                       persistent_workers=workers > 0)
 
 
-def evaluation_loader(dataset, batch_size, workers):
-    """Items in list order, for encoding."""
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                      worker_init_fn=_ignore_stop_signals, pin_memory=torch.cuda.is_available())
+def evaluation_loader(dataset, batch_size, workers, shard=(0, 1)):
+    """Items in list order, for encoding; ``shard`` (rank, world size): every world-size-th item from rank."""
+    rank, world_size = shard
+    return DataLoader(dataset, batch_size=batch_size, sampler=range(rank, len(dataset), world_size),
+                      num_workers=workers, worker_init_fn=_ignore_stop_signals,
+                      pin_memory=torch.cuda.is_available())
 
 
 def _ignore_stop_signals(worker_id=None):

@@ -11,14 +11,17 @@ import torch
 
 import code_health
 import data_list
+import distributed
 import metrics
 import plots
+from hamming_index import HammingIndex
 from network import encode
 from runtime import UsageError, atomic_write, write_text_atomically
 
 log = logging.getLogger("mmhh")
 
 CODE_FILES = ("database_code", "database_labels", "test_code", "test_labels")
+GRID_QUERIES, GRID_RESULTS = 5, 8          # retrieval_grid.png: seeded queries, results shown for each
 
 
 def add_list_flags(group):
@@ -44,6 +47,8 @@ def log_default_presets(spec, **flags):
 def evaluate_model(model, spec, args, device, output_dir=None, query_split="test", should_stop=bool):
     """Encode ``spec``'s database and queries with ``model`` and score them; returns the metrics dict.
 
+    Under torchrun each process encodes its share of the lists, and rank 0 alone scores (the others get None).
+
     ``query_split`` "val" scores the validation queries; they are training images, so any of them in
     the database list is left out of the database, and no query finds itself. ``should_stop`` is asked
     between batches while encoding (see ``network.encode``).
@@ -55,14 +60,17 @@ def evaluate_model(model, spec, args, device, output_dir=None, query_split="test
     database = evaluation_dataset(spec, "database", args, leave_out)
     codes = {}
     for split, dataset in (("database", database), (query_split, queries)):
-        loader = data_list.evaluation_loader(dataset, args.batch_size, args.workers)
-        codes[split] = encode(model, loader, device, description=f"encoding {split}", amp=args.amp,
-                              should_stop=should_stop)
+        loader = data_list.evaluation_loader(dataset, args.batch_size, args.workers, distributed.shard())
+        codes[split] = distributed.combine_shards(*encode(model, loader, device, description=f"encoding {split}",
+                                                          amp=args.amp, should_stop=should_stop), device=device)
+    if not distributed.is_main():
+        return None
     topk = args.topk if args.topk is not None else spec.topk
     context = {"dataset": spec.name, "query_split": query_split,
                "queries_in_database": count_queries_in_database(queries.paths, database.paths)}
     return score_codes(*codes["database"], *codes[query_split], args.radius, topk, args.opt_test, device,
-                       output_dir, context, getattr(args, "map_curve_radius", None))
+                       output_dir, context, getattr(args, "map_curve_radius", None),
+                       paths=(queries.paths, database.paths))
 
 
 def evaluation_dataset(spec, split, args, leave_out=frozenset()):
@@ -90,11 +98,12 @@ def count_queries_in_database(query_paths, database_paths):
 
 
 def score_codes(database_codes, database_labels, query_codes, query_labels, radius, topk, opt_test,
-                device, output_dir=None, context=None, map_curve_radius=None):
+                device, output_dir=None, context=None, map_curve_radius=None, paths=None):
     """All retrieval metrics of the codes, logged as a table and saved when ``output_dir`` is given.
 
     ``context`` (the dataset's name, queries_in_database) is added to the result as it is;
     ``map_curve_radius`` is metrics.evaluate_retrieval's (None: the MAP curve up to ``radius``).
+    ``paths`` (query image paths, database image paths) adds retrieval_grid.png to the saved outputs.
     """
     if topk > len(database_codes):
         log.info("R = %d exceeds the database's %d items: MAP@TopK ranks the whole database", topk,
@@ -112,7 +121,7 @@ def score_codes(database_codes, database_labels, query_codes, query_labels, radi
     if warning:
         log.warning("warning: %s", warning)
     if output_dir:
-        save_outputs(output_dir, result, database_codes, database_labels, query_codes, query_labels)
+        save_outputs(output_dir, result, database_codes, database_labels, query_codes, query_labels, paths)
     return result
 
 
@@ -148,14 +157,30 @@ def log_report(result):
     log.info("  headline (%s convention): %.4f", result["convention"], result["headline"])
 
 
-def save_outputs(output_dir, result, database_codes, database_labels, query_codes, query_labels):
-    """Codes and labels as .npy (continuous outputs, as released), metrics.json and the plots."""
+def save_outputs(output_dir, result, database_codes, database_labels, query_codes, query_labels, paths=None):
+    """Codes and labels as .npy (continuous outputs, as released), metrics.json and the plots; with
+    ``paths`` (query paths, database paths), retrieval_grid.png too."""
     arrays = dict(zip(CODE_FILES, (database_codes, database_labels, query_codes, query_labels)))
     for name, array in arrays.items():
         atomic_write(os.path.join(output_dir, f"{name}.npy"), lambda stream, a=array: np.save(stream, np.asarray(a)))
     write_text_atomically(os.path.join(output_dir, "metrics.json"), json.dumps(result, indent=1))
     written = plots.save_retrieval_plots(result, output_dir)
+    if paths is not None:
+        written.append(save_retrieval_grid(output_dir, result["radius"], paths, database_codes, database_labels,
+                                           query_codes, query_labels))
     log.info("saved codes, labels, metrics.json and %d plots to %s", len(written), output_dir)
+
+
+def save_retrieval_grid(output_dir, radius, paths, database_codes, database_labels, query_codes, query_labels):
+    """retrieval_grid.png: a seeded few queries beside the first results of their Hamming ball."""
+    query_paths, database_paths = paths
+    chosen = np.sort(np.random.default_rng(0).choice(len(query_paths), min(GRID_QUERIES, len(query_paths)),
+                                                     replace=False))
+    index = HammingIndex(database_codes, database_paths, database_labels)
+    answers = index.search(torch.as_tensor(query_codes)[chosen], radius, GRID_RESULTS,
+                           query_labels=torch.as_tensor(query_labels)[chosen])
+    return plots.save_retrieval_grid(os.path.join(output_dir, "retrieval_grid.png"),
+                                     [query_paths[i] for i in chosen], answers, database_paths, radius)
 
 
 def load_codes(codes_dir):

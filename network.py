@@ -148,7 +148,8 @@ def _feature_layers(image_network, model):
 
 @torch.no_grad()
 def encode(model, loader, device, description="encoding", log_every_s=10.0, amp=False, should_stop=bool):
-    """Continuous codes and labels of every item of ``loader``'s dataset, in dataset order.
+    """Continuous codes and labels of the items ``loader`` yields, in dataset order: (N, K) and (N, C)
+    over the whole dataset, rows of items it does not yield (another rank's share) left at zero.
 
     ``amp``: run the network under bfloat16 autocast; the codes are returned in float32.
     ``should_stop()`` is asked after every batch; when it is true, ``Stopped`` is raised.
@@ -156,20 +157,17 @@ def encode(model, loader, device, description="encoding", log_every_s=10.0, amp=
     was_training = model.training
     model.eval()
     dataset = loader.dataset
-    codes = labels = None
+    codes = torch.zeros(len(dataset), model.hash_layer.out_features)  # (N, K)
+    labels = torch.zeros(len(dataset), dataset.labels.shape[1])       # (N, C)
     done, start, last_log = 0, time.perf_counter(), time.perf_counter()
     for images, batch_labels, indices in _batches(loader):
         with autocast(device, amp):
-            batch_codes = model(images.to(device, non_blocking=True)).float().cpu()
-        if codes is None:
-            codes = torch.zeros(len(dataset), batch_codes.shape[1])        # (N, K)
-            labels = torch.zeros(len(dataset), batch_labels.shape[1])      # (N, C)
-        codes[indices] = batch_codes
+            codes[indices] = model(images.to(device, non_blocking=True)).float().cpu()
         labels[indices] = batch_labels.float()
         done += len(indices)
         if time.perf_counter() - last_log > log_every_s:
             last_log = time.perf_counter()
-            log.info("%s: %d/%d images (%.0f img/s)", description, done, len(dataset),
+            log.info("%s: %d/%d images (%.0f img/s)", description, done, len(loader.sampler),
                      done / (last_log - start))
         if should_stop():
             raise Stopped(description)

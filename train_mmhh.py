@@ -4,7 +4,8 @@ The original README's command, with our layout:
     python train_mmhh.py --gpu_id=0 --s_dataset="coco_80" --hash_bit=48 --annotation="MMHH-train" \\
         --loss_lambda=0.001 --num_iters=1000 --image_network="AlexNetFc" --batch_size=48 --radius 2 \\
         --distance_type "MMHH" --similar_weight "1" --lr 0.0001 --decay_step 200 --gamma 10.0 --opt-test True
-A run interrupted (Ctrl-C, SIGTERM) or stopped continues with ``--resume SNAPSHOT``.
+A run interrupted (Ctrl-C, SIGTERM) or stopped continues with ``--resume SNAPSHOT``. On many GPUs, start it
+with ``torchrun --nproc_per_node N train_mmhh.py ...`` (README: Many GPUs).
 """
 import argparse
 import logging
@@ -20,13 +21,14 @@ from tensorboardX import SummaryWriter
 import checkpoint
 import code_health
 import data_list
+import distributed
 import loss
 import evaluation
 import network
 import recipes
 import run_files
 from runtime import (CliError, StopSignals, Stopped, UsageError, autocast, format_duration, run_cli,
-                     seed_everything, select_device, setup_logging, str2bool)
+                     seed_everything, setup_logging, str2bool)
 
 log = logging.getLogger("mmhh")
 
@@ -37,7 +39,9 @@ DEFAULT_WEIGHT_DECAY = {"Stair_Step": 0.1, "HashNet_Step": 5e-4, "DANN_INV": 5e-
 RESUME_MAY_CHANGE = {"resume", "gpu_id", "amp", "workers", "snap_path", "log_dir", "runs_dir", "snapshot_interval",
                      "keep_snapshots", "overwrite", "print_every", "check", "test_output_dir", "data_dir", "data_root",
                      "train_list", "test_list", "database_list", "radius", "opt_test", "topk", "test_sample_ratio",
-                     "eval_split"}
+                     "eval_split", "dist_timeout", "sync_bn"}
+# Flags that belong to the command at hand, never inherited from the command that wrote the snapshot.
+PER_INVOCATION = ("overwrite", "dist_timeout")
 
 
 def parse_args(argv=None):
@@ -81,6 +85,12 @@ def build_parser():
                      help="bfloat16 autocast for the network (training and encoding); the loss and the memory "
                           "stay in float32, snapshots hold float32 weights")
     run.add_argument("--mission", default="Hashing", choices=["Hashing"], help="kept from the release")
+    run.add_argument("--dist_timeout", type=float, default=600.0,
+                     help="under torchrun: seconds a process waits for the others in a collective before it stops "
+                          "with an error, so that a dead process does not hang the run (default 600)")
+    run.add_argument("--sync_bn", action="store_true",
+                     help="under torchrun on GPUs: batch-norm statistics of the global batch (SyncBatchNorm) "
+                          "instead of each process's share")
 
     model = parser.add_argument_group("network")
     model.add_argument("--recipe", default=None, choices=list(recipes.RECIPES),
@@ -164,22 +174,26 @@ class Run:
     """Everything a training run updates, so it can be saved and resumed as one."""
     args: argparse.Namespace
     model: network.HashNetwork
+    parallel: torch.nn.Module  # the model as a training step calls it: itself, or its DDP wrapper under torchrun
     criterion: loss.HashingLoss
     optimizer: torch.optim.Optimizer
     memory: loss.SemiBatchMemory
     device: torch.device
-    stop: StopSignals
+    signals: StopSignals  # this process's SIGINT and SIGTERM
+    stop: StopSignals | distributed.AgreedStop  # the stop the training loop acts on (the same alone)
     last_snapshot: str | None = None
     collapse: code_health.CollapseWatch = field(default_factory=code_health.CollapseWatch)
 
 
 class NonFiniteLoss(CliError):
     exit_code = 3
+    every_rank = True  # the loss is the global batch's, the same on every rank: rank 0 alone reports it
 
 
 class Interrupted(CliError):
     """A SIGINT or SIGTERM stopped the run; the message says what was saved and how to go on."""
     prefix = ""
+    every_rank = True  # under torchrun the ranks stop together: rank 0 alone reports it
 
     def __init__(self, message, stop):
         super().__init__(message)
@@ -188,22 +202,21 @@ class Interrupted(CliError):
 
 def main(argv=None):
     args, explicit = parse_args(argv)
-    resumed = checkpoint.load_snapshot(args.resume) if args.resume else None
-    if resumed:
-        args = resumed_args(args, explicit, resumed["args"], args.resume)
-    recipe = recipes.apply_recipe(args, explicit) if args.recipe and not resumed else []
-    finish_args(args)
-    run_files.check_writable(args)
-    clashes = run_files.clashes(args, resumed["iteration"] if resumed else None)  # before the log exists
-    if not args.check:
-        run_files.remove(clashes)
-    setup_logging(args.log_dir, args.annotation, to_file=not args.check)
+    with distributed.process_group(args.dist_timeout):  # under torchrun, one process of many; else nothing
+        return run_training(args, explicit)
+
+
+def run_training(args, explicit):
+    # Rank 0 settles the flags and checks the output files first, so that a mistake is reported once.
+    args, resumed, recipe, clashes = distributed.rank_zero_first(settle_run, args, explicit)
+    setup_logging(args.log_dir, args.annotation, to_file=not args.check and distributed.is_main())
+    distributed.quiet_followers(log)
     if clashes and not args.check:
         log.info("--overwrite: removed %s", ", ".join(clashes))
     for flag, value, source in recipe:
         log.info("recipe %s: --%s %s (%s)", args.recipe, flag, value, source)
-    device = select_device(args.gpu_id)
-    seed_everything(args.seed)
+    device = distributed.select_device(args.gpu_id)
+    seed_everything(distributed.rank_seed(args.seed, distributed.rank()))
 
     source = data_list.resolve_dataset(args.s_dataset, args.data_dir, train_list=args.train_list,
                                        data_root=args.data_root, needs=("train",))
@@ -213,37 +226,64 @@ def main(argv=None):
     evaluation.log_default_presets(source, similar_weight=args.similar_weight_type)
     evaluation.log_default_presets(target, topk=args.topk)
     if args.check:
-        return check_everything(args, source, target)
-    train_paths, train_labels = data_list.read_checked_list(source, "train")
-    for split in (args.eval_split, "database"):  # fail now, not after hours of training
-        data_list.read_checked_list(target, split)
+        return check_everything(args, source, target) if distributed.is_main() else 0
+    train_paths, train_labels = distributed.rank_zero_first(data_list.read_checked_list, source, "train")
+    # Fail now, not after hours of training.
+    distributed.on_rank_zero(check_evaluation_lists, target, args.eval_split)
 
     # Installed before any DataLoader worker starts, so that a signal to the whole process group
     # (Ctrl-C, scancel, timeout, docker stop) only asks the run to stop at the next safe point.
-    with StopSignals() as stop:
-        run = build_run(args, source, train_labels, device, stop)
+    with StopSignals() as signals:
+        run = build_run(args, source, train_labels, device, signals)
         start = restore_run(run, resumed) if resumed else initialise_run(run, args, train_paths, train_labels)
         train_set = data_list.ImageList(train_paths, train_labels,
                                         data_list.train_transform(args.resize_size, args.crop_size,
                                                                   args.crop_scale),
                                         origins=data_list.line_origins(source.lists["train"]))
-        loader = data_list.training_loader(train_set, args.batch_size, args.workers, args.seed, start)
-        if resumed:
+        loader = data_list.training_loader(train_set, args.batch_size, args.workers, args.seed, start,
+                                           distributed.shard())
+        rng = resumed and checkpoint.rank_rng_state(resumed, distributed.rank())
+        if rng:
             # After the loader is built: the snapshot's generator state is the one its iteration saw.
-            checkpoint.restore_rng_state(resumed["rng"])
-        writer = SummaryWriter(os.path.join(args.runs_dir, args.annotation), purge_step=start)
+            checkpoint.restore_rng_state(rng)
+        writer = SummaryWriter(os.path.join(args.runs_dir, args.annotation), purge_step=start) \
+            if distributed.is_main() else None
         try:
             train(run, loader, writer, start)
             evaluate(run, target, writer)
         finally:
-            writer.close()
+            if writer:
+                writer.close()
     return 0
+
+
+def settle_run(args, explicit):
+    """The run's flags (a resumed run's come from its snapshot) and, on rank 0, its output files checked:
+    returns the flags, the snapshot resumed (or None), the recipe's choices and the files --overwrite removed."""
+    resumed = checkpoint.load_snapshot(args.resume) if args.resume else None
+    if resumed:
+        args = resumed_args(args, explicit, resumed["args"], args.resume)
+    recipe = recipes.apply_recipe(args, explicit) if args.recipe and not resumed else []
+    finish_args(args)
+    clashes = []
+    if distributed.is_main():  # one process looks at the files; the others follow its verdict
+        run_files.check_writable(args)
+        clashes = run_files.clashes(args, resumed["iteration"] if resumed else None)  # before the log exists
+        if not args.check:
+            run_files.remove(clashes)
+    return args, resumed, recipe, clashes
+
+
+def check_evaluation_lists(target, eval_split):
+    for split in (eval_split, "database"):
+        data_list.read_checked_list(target, split)
 
 
 def resumed_args(given, explicit, saved, path):
     """The snapshot's flags, with the run-time flags given now; other changes are refused."""
-    # Flags added since the snapshot was written take their defaults.
-    args = argparse.Namespace(**{**vars(given), **saved})
+    # Flags added since the snapshot was written take their defaults; PER_INVOCATION ones are never inherited.
+    this_command = {flag: getattr(given, flag) for flag in PER_INVOCATION}
+    args = argparse.Namespace(**{**vars(given), **saved, **this_command})
     for flag in sorted(explicit):
         value = getattr(given, flag)
         if flag in RESUME_MAY_CHANGE:
@@ -269,6 +309,7 @@ def finish_args(args):
     if not str(args.batch_params).isdigit():
         raise UsageError(f"--batch_params {args.batch_params!r}: the warm-up length, a whole number of iterations")
     check_evaluation_flags(args)
+    check_parallel_flags(args)
     checks = [("--gamma", args.gamma > 0, "must be positive"),
               ("--semi_init_momentum", 0.0 <= args.semi_init_momentum <= 1.0, "must lie in [0, 1]"),
               ("--workers", args.workers >= 0, "must be 0 or more"),
@@ -282,6 +323,19 @@ def finish_args(args):
         loss.parse_margin_params(args.margin_params)
     except ValueError as error:  # its message names the flag
         raise UsageError(str(error)) from None
+
+
+def check_parallel_flags(args):
+    """Under torchrun: the global batch splits evenly over the processes, and --sync_bn has GPUs."""
+    processes = distributed.world_size()
+    if args.batch_size % processes:
+        raise UsageError(f"--batch_size {args.batch_size}: the global batch must split evenly over the {processes} "
+                         f"processes; use a multiple of {processes}")
+    if args.dist_timeout <= 0:
+        raise UsageError(f"--dist_timeout {args.dist_timeout:g}: seconds, must be positive")
+    if args.sync_bn and distributed.active() and (args.gpu_id == "cpu" or not torch.cuda.is_available()):
+        raise UsageError("--sync_bn: synchronised batch-norm needs CUDA GPUs; on the CPU each process normalises "
+                         "with its own share of the batch (drop --sync_bn)")
 
 
 def check_evaluation_flags(args):
@@ -315,10 +369,11 @@ def default_batch_type(similar_weight):
     return "SemiMem" if similar_weight != "auto" and similar_weight > 100 else "PairBatch"
 
 
-def build_run(args, source, train_labels, device, stop):
+def build_run(args, source, train_labels, device, signals):
     model = network.build_network(args.image_network, args.hash_bit, backbone=args.backbone,
                                   pretrained=args.pretrained,
                                   continuation=args.image_loss_type == "HashNet").to(device)
+    parallel = distributed.data_parallel(model, device, args.sync_bn)
     similar_weight = resolve_similar_weight(args, source)
     args.batch_type = args.batch_type or default_batch_type(similar_weight)
     # As released, HashNet's continuation comes without the quantization loss.
@@ -335,7 +390,11 @@ def build_run(args, source, train_labels, device, stop):
     log.info("%s %s, %d bits, %s loss (similar weight %s), %s, %d training images, device %s",
              args.image_network, args.backbone, args.hash_bit, args.distance_type, similar_weight,
              args.batch_type, len(train_labels), device)
-    return Run(args, model, criterion, optimizer, memory, device, stop)
+    world = distributed.describe(args.batch_size, device)
+    if world:
+        log.info("%s", world)
+    return Run(args, model, parallel, criterion, optimizer, memory, device, signals,
+               distributed.agreed_stop(signals))
 
 
 def initialise_run(run, args, train_paths, train_labels):
@@ -351,13 +410,15 @@ def initialise_run(run, args, train_paths, train_labels):
     else:
         train_set = data_list.ImageList(train_paths, train_labels,
                                         data_list.test_transform(args.resize_size, args.crop_size))
-        loader = data_list.evaluation_loader(train_set, args.batch_size, args.workers)
+        # Each rank encodes its share of the training set; the shares are combined on every rank.
+        loader = data_list.evaluation_loader(train_set, args.batch_size, args.workers, distributed.shard())
         try:
             codes, _ = network.encode(run.model, loader, run.device, description="initialising the memory",
-                                      amp=args.amp, should_stop=run.stop.requested)
+                                      amp=args.amp, should_stop=run.signals.requested)
         except Stopped:
-            raise Interrupted(f"stopped by {run.stop.name} while initialising the memory: nothing was trained or "
-                              "saved; start again with the same command and --overwrite", run.stop) from None
+            raise Interrupted(f"stopped by {run.signals.name} while initialising the memory: nothing was trained "
+                              "or saved; start again with the same command and --overwrite", run.signals) from None
+        codes, = distributed.combine_shards(codes, device=run.device)
         run.memory.initialize_codes(codes.to(run.device))
     return 0
 
@@ -377,6 +438,11 @@ def restore_run(run, snapshot):
     run.memory.load_state_dict(snapshot["memory"])
     run.last_snapshot = run.args.resume
     log.info("resuming %s at iteration %d of %d", run.args.resume, snapshot["iteration"], run.args.num_iters)
+    saved_world = checkpoint.saved_world_size(snapshot)
+    if saved_world != distributed.world_size():
+        log.info("the run was trained by %d process(es), it goes on with %d: the same global batches, weights, "
+                 "optimizer and memory; augmentation draws and per-process batch-norm statistics differ from an "
+                 "uninterrupted run", saved_world, distributed.world_size())
     return snapshot["iteration"]
 
 
@@ -402,7 +468,7 @@ def train(run, loader, writer, start):
         if warning:
             log.warning("warning: %s", warning)
         completed = iteration + 1
-        if completed % args.print_every == 0 or completed == args.num_iters:
+        if writer and (completed % args.print_every == 0 or completed == args.num_iters):
             speed = (completed - tick_iteration) / (time.perf_counter() - tick)
             log_progress(run, writer, iteration, parts, h, speed)
             tick, tick_iteration = time.perf_counter(), completed
@@ -410,33 +476,45 @@ def train(run, loader, writer, start):
             save_run(run, completed)
         if run.stop.requested():
             raise Interrupted(f"stopped by {run.stop.name} at iteration {completed}; resume with:\n"
-                              f"  python train_mmhh.py --resume {run.last_snapshot}", run.stop)
+                              f"  {resume_command(run.last_snapshot)}", run.stop)
+
+
+def resume_command(snapshot):
+    return f"{distributed.launcher()} train_mmhh.py --resume {snapshot}"
 
 
 def next_batch(run, batches, iteration, start):
-    """The next training batch; an image that does not decode stops the run with a snapshot."""
+    """The next training batch; an image that does not decode stops the run with a snapshot.
+
+    Under torchrun the other processes wait in the step's gather and cannot join a snapshot: the last one
+    stands.
+    """
     try:
         return next(batches)
     except data_list.DataError as error:
-        if iteration > start or not run.last_snapshot:
+        if distributed.world_size() == 1 and (iteration > start or not run.last_snapshot):
             save_run(run, iteration)
+        then = f"resume with: {resume_command(run.last_snapshot)}" if run.last_snapshot else \
+            "start again with --overwrite"
         raise data_list.DataError(
             f"{data_list.DataError.from_loader(error)}. Stopped at iteration {iteration}: fix or drop that line "
-            f"(`python pre_process.py validate` lists every such image), then resume with: "
-            f"python train_mmhh.py --resume {run.last_snapshot}") from None
+            f"(`python pre_process.py validate` lists every such image), then {then}") from None
 
 
 def train_step(run, iteration, images, labels, indices):
-    """One SGD step; returns the loss parts (floats) and the batch's codes."""
-    args, model, device = run.args, run.model, run.device
+    """One SGD step on the global batch (this process's share of it under torchrun); returns the loss
+    parts (floats) and the global batch's codes."""
+    args, device = run.args, run.device
     lr = learning_rate(args, iteration)
     for group in run.optimizer.param_groups:
         group["lr"] = lr * group["lr_mult"]
-    model.set_iteration(iteration)
+    run.model.set_iteration(iteration)
     images, labels, indices = (images.to(device, non_blocking=True), labels.to(device, non_blocking=True),
                                indices.to(device, non_blocking=True))
     with autocast(device, args.amp):
-        h = model(images).float()  # (B, K); the loss and the memory stay in float32
+        h = run.parallel(images).float()  # (b, K); the loss and the memory stay in float32
+    # The pair loss couples every pair of the global batch, and the memory must stay the same everywhere.
+    h, labels, indices = distributed.global_batch(h, labels, indices, run.stop)  # (B, K), (B, C), (B,)
     other_h, other_labels, exclude = run.memory.partner_set(h, labels, indices, iteration)
     parts = run.criterion(h, labels, other_h, other_labels, exclude)
     saturated, bit_balance = code_health.batch_health(h.detach())
@@ -450,7 +528,7 @@ def train_step(run, iteration, images, labels, indices):
                             f"update. Last good snapshot: {run.last_snapshot or 'none'}. Try a lower --lr, "
                             f"then --resume from that snapshot or start again.")
     run.optimizer.zero_grad(set_to_none=True)
-    parts["total"].backward()
+    (parts["total"] * distributed.loss_scale()).backward()
     run.optimizer.step()
     run.memory.update(indices, h.detach(), iteration)
     values["lr"] = lr
@@ -479,20 +557,25 @@ def log_progress(run, writer, iteration, parts, h, speed):
 
 def save_run(run, iteration):
     """Snapshot everything the run needs to continue exactly from ``iteration``; prune older snapshots."""
+    path = checkpoint.snapshot_path(run.args, iteration)
+    rng = distributed.gather_to_rank_zero(checkpoint.capture_rng_state())  # each rank's augmentation draws
+    distributed.on_rank_zero(write_snapshot, run, path, iteration, rng)
+    run.last_snapshot = path
+
+
+def write_snapshot(run, path, iteration, rng):
     args = run.args
-    path = checkpoint.snapshot_path(args, iteration)
     try:
         checkpoint.save_snapshot(path, {
             "args": vars(args), "iteration": iteration, "model": run.model.state_dict(),
             "optimizer": run.optimizer.state_dict(), "memory": run.memory.state_dict(),
-            "rng": checkpoint.capture_rng_state(),
+            **checkpoint.rng_entries(rng),
         })
     except checkpoint.SnapshotWriteError as error:
         previous = run.last_snapshot or "none"
         raise checkpoint.SnapshotWriteError(
             f"{error}; the previous snapshot {previous} is intact. Free some space or choose another "
             f"--snap_path, then resume from it with --resume {previous} --snap_path NEW/") from None
-    run.last_snapshot = path
     log.info("snapshot %s", path)
     if args.keep_snapshots > 0:
         protected = {path, args.resume, checkpoint.snapshot_path(args, args.num_iters)}
@@ -501,16 +584,23 @@ def save_run(run, iteration):
 
 
 def evaluate(run, target, writer):
-    """The release's final evaluation: encode the test and database lists and score them."""
+    """The release's final evaluation: encode the test and database lists and score them.
+
+    Under torchrun each process encodes a share of the lists with rank 0's model, and rank 0 scores.
+    """
     args = run.args
     output_dir = run_files.final_output_dir(args)
+    distributed.rank_zero_buffers(run.model)
     try:
         result = evaluation.evaluate_model(run.model, target, args, run.device, output_dir, args.eval_split,
-                                           should_stop=run.stop.requested)
+                                           should_stop=run.signals.requested)
     except Stopped:
-        raise Interrupted(f"stopped by {run.stop.name} during the final evaluation; the final snapshot is saved. "
-                          f"Evaluate it with:\n  python test_mmhh.py --model_path {run.last_snapshot} --dataset "
-                          f"{args.t_dataset} --radius {args.radius} --output_path {output_dir}", run.stop) from None
+        raise Interrupted(f"stopped by {run.signals.name} during the final evaluation; the final snapshot is "
+                          f"saved. Evaluate it with:\n  python test_mmhh.py --model_path {run.last_snapshot} "
+                          f"--dataset {args.t_dataset} --radius {args.radius} --output_path {output_dir}",
+                          run.signals) from None
+    if result is None:  # another process: rank 0 reports
+        return
     for key, value in result.items():
         if isinstance(value, float):
             writer.add_scalar(f"Test/{key}", value, args.num_iters)
