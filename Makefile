@@ -7,7 +7,7 @@ FASHION_ROOT ?= /usr/share/datasets/fashion-mnist
 DEMO_ITERS := 800
 DEMO_FLAGS := --s_dataset fashion_mnist --annotation demo --image_network ResNetFc --backbone ResNet18 \
 	--pretrained none --resize_size 28 --crop_size 28 --crop_scale 1.0 --hash_bit 48 --batch_size 48 \
-	--num_iters $(DEMO_ITERS) --lr 0.01 --decay_step 300 --weight_decay 5e-4 --gamma 10 --loss_lambda 0.001 \
+	--num_iters $(DEMO_ITERS) --lr 0.02 --decay_step 300 --weight_decay 5e-4 --gamma 10 --loss_lambda 0.001 \
 	--radius 2 --workers 0 --gpu_id cpu --print_every 50 --test_sample_ratio 0.1
 
 .PHONY: setup test demo compare bench clean-venv
