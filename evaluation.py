@@ -33,6 +33,14 @@ def add_list_flags(group):
                        help="folder that relative image paths are relative to (default: each list's folder)")
 
 
+def add_encoding_flags(group):
+    """How a snapshot encodes images, for the scripts that encode with one (test_mmhh.py, retrieve.py)."""
+    group.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="DataLoader worker processes")
+    group.add_argument("--amp", action="store_true", help="encode under bfloat16 autocast (codes stay float32)")
+    group.add_argument("--resize_size", type=int, default=None, help="default: the snapshot's")
+    group.add_argument("--crop_size", type=int, default=None, help="default: the snapshot's")
+
+
 def log_default_presets(spec, **flags):
     """Name the defaults that a dataset with neither dataset.json nor preset gets for flags not given."""
     if spec.presets_from != "default":

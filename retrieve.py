@@ -63,11 +63,7 @@ def parse_args(argv=None):
     encoding = parser.add_argument_group("encoding, as test_mmhh.py")
     encoding.add_argument("--gpu_id", default="0", help="CUDA device index; 'cpu' forces the CPU (default 0)")
     encoding.add_argument("--batch_size", type=int, default=16, help="images per encoding batch (default 16)")
-    encoding.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
-                          help="DataLoader worker processes")
-    encoding.add_argument("--amp", action="store_true", help="encode under bfloat16 autocast (codes stay float32)")
-    encoding.add_argument("--resize_size", type=int, default=None, help="default: the snapshot's")
-    encoding.add_argument("--crop_size", type=int, default=None, help="default: the snapshot's")
+    evaluation.add_encoding_flags(encoding)
     return parser.parse_args(argv)
 
 

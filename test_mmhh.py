@@ -46,11 +46,7 @@ def parse_args(argv=None):
                       help="MAP curve up to this radius (default: --radius; -1: every radius, which ranks the "
                            "whole database for every query)")
     ours.add_argument("--seed", type=int, default=0, help="seed of --test_sample_ratio sampling (default 0)")
-    ours.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
-                      help="DataLoader worker processes")
-    ours.add_argument("--amp", action="store_true", help="encode under bfloat16 autocast (codes stay float32)")
-    ours.add_argument("--resize_size", type=int, default=None, help="default: the snapshot's")
-    ours.add_argument("--crop_size", type=int, default=None, help="default: the snapshot's")
+    evaluation.add_encoding_flags(ours)
     ours.add_argument("--hash_bit", type=int, default=None, help="if given, must match the snapshot")
     ours.add_argument("--image_network", default=None, help="if given, must match the snapshot")
     ours.add_argument("--overwrite", action="store_true",
