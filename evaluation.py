@@ -156,6 +156,7 @@ def log_report(result):
              result["num_database"], result["hash_bit"])
     for name, value in rows:
         log.info("  %-36s %.4f", name, value)
+    log.info("  %-36s %.1f of %d", f"mean ball size (r={r})", result["mean_ball_size"], result["num_database"])
     log.info("  %-36s %d of %d", "distinct database codes", result["distinct_codes"], result["num_database"])
     log.info("  %-36s %.4f (0: every bit splits evenly)", "bit balance", result["bit_balance"])
     inside = result["queries_in_database"]

@@ -124,7 +124,8 @@ def evaluate_retrieval(database_codes, database_labels, query_codes, query_label
 
     Keys: ``map_radius_deephash``, ``map_radius_mmhh``, ``precision_radius`` / ``recall_radius``
     (deephash convention), ``precision_radius_mmhh`` / ``recall_radius_mmhh``,
-    ``empty_ball_fraction``, ``map_topk`` (continuous codes, hashnet convention), ``map_topk_mmhh``
+    ``empty_ball_fraction``, ``mean_ball_size`` (database items within the radius, mean over queries),
+    ``map_topk`` (continuous codes, hashnet convention), ``map_topk_mmhh``
     (continuous, mmhh convention), ``map_topk_sign`` (sign codes, hashnet convention), ``radius``,
     ``topk`` (the R used: N for the whole database), ``map_curve_radius``, ``num_queries``,
     ``num_database``, ``hash_bit``, ``conventions`` (a sentence per figure) and ``curves``:
@@ -167,6 +168,7 @@ def evaluate_retrieval(database_codes, database_labels, query_codes, query_label
         "precision_radius_mmhh": float(mmhh["precision"][0]),
         "recall_radius_mmhh": float(mmhh["recall"][0]),
         "empty_ball_fraction": float(deephash["empty_fraction"][0]),
+        "mean_ball_size": float(ball["n_ball"].to(torch.float64).mean()),
         "map_topk": _masked_mean(ap, n_rel > 0),
         "map_topk_mmhh": _masked_mean(ap, None),
         "map_topk_sign": _masked_mean(ap_sign, n_rel_sign > 0),

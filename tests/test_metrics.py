@@ -578,6 +578,9 @@ def test_evaluate_retrieval_dict():
     assert close(result["map_radius_mmhh"], curves["map_mmhh"][2])
     assert close(result["map_radius_mmhh"], metrics.map_at_radius(hd, ld, hq, lq, 2, "mmhh", device="cpu")["map"])
     assert close(result["map_topk_sign"], metrics.map_at_topk(hd, ld, hq, lq, 50, True, device="cpu"))
+    # The mean ball size counted plainly: database signs within Hamming distance 2 of each query's.
+    distances = (np.where(hq >= 0, 1, -1)[:, None, :] != np.where(hd >= 0, 1, -1)[None, :, :]).sum(2)
+    assert close(result["mean_ball_size"], (distances <= 2).sum(1).mean())
     whole = metrics.evaluate_retrieval(hd, ld, hq, lq, 20, -1, device="cpu")   # radius > K: everything
     assert whole["topk"] == 200 and len(whole["curves"]["precision_at_n"]) == 200
     assert close(whole["map_radius_mmhh"], metrics.map_at_radius(hd, ld, hq, lq, 20, "mmhh", device="cpu")["map"])
