@@ -239,8 +239,10 @@ def results_table(results, args, bits_list):
             rows.append(f"| {method} | " + " | ".join(cells) + " |")
         sections.append(f"### {title}\n\n" + "\n".join(rows) + "\n")
     seeds = sorted({r["seed"] for r in results})
+    shared = (f" Flags of every run, which win over the recipes: `{shlex.join(args.training_flags)}`."
+              if args.training_flags else "")
     return (f"Mean ± std over seeds {', '.join(map(str, seeds))}; each method at its recipe "
-            f"({', '.join(f'{m}: {method_recipe(args, m)}' for m in methods)}).\n\n" + "\n".join(sections))
+            f"({', '.join(f'{m}: {method_recipe(args, m)}' for m in methods)}).{shared}\n\n" + "\n".join(sections))
 
 
 if __name__ == "__main__":

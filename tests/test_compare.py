@@ -28,6 +28,8 @@ def test_compare_writes_the_table_and_skips_finished_cells(tmp_path, tiny_data, 
     table = (tmp_path / "cmp" / "table.md").read_text()
     assert "MAP@H<=2, deephash convention" in table and "mmhh convention" in table and "**" in table
     assert "MMHH: mmhh_release" in table and "DCH: dch_deephash" in table
+    # Shared flags win over the recipes, so the table says which were given.
+    assert "which win over the recipes: `--image_network ResNetFc" in table and "--num_iters 6`" in table
     assert (tmp_path / "cmp" / "map_vs_bits.png").stat().st_size > 1000
     out = capsys.readouterr().out
     assert "[2/2] DCH_16bit_seed0: MAP@H<=2" in out and "left" in out
