@@ -6,10 +6,11 @@
 # OUTDIR defaults to $OUT. Steps, in order of what a lost minute would cost: environment, the
 # Fashion-MNIST lists and images (data/fashion_mnist, or unpacked from data/fashion_mnist.tar.gz, which
 # travels as one file instead of 70,000), CUDA metrics against the CPU, evaluate_retrieval timed at
-# 190k x 5k x 64, training throughput (bench/bench_train.py), the demo trained and tested with --amp, the
-# test suite, bench/bench_metrics.py, and the demo without --amp if 2 minutes are left. --only runs the
-# named steps alone (a rerun of failed ones). Each step runs under its own time limit, cut to what is left of
-# --budget (default 420 s, so the whole check ends inside 7.5 minutes); a failing step does not stop the
+# 190k x 5k x 64, training throughput (bench/bench_train.py), the demo trained and tested with --amp, its
+# training alone and under torchrun with one process, the test suite, bench/bench_metrics.py, and the demo
+# without --amp if 2 minutes are left. --only runs the named steps alone (a rerun of failed ones). Each
+# step runs under its own time limit, cut to what is left of --budget (default 420 s, so the whole check
+# ends inside 7.5 minutes); a failing step does not stop the
 # others. OUTDIR gets at most 8 files: summary.json (every step's status, duration, reason and key
 # numbers), gpu_check.log, pytest.log, train.log, bench_train.json, metrics_equal.json and
 # bench_metrics.log (or .json). Exit 0 only if no step failed.
@@ -239,45 +240,91 @@ step_bench_train() {
     return "$rc"
 }
 
-# The Makefile's demo recipe on the device; the dry run trains on the tests' tiny dataset instead.
-demo_run() {  # NAME, then train_mmhh.py flags (--amp or none)
-    local name="$1"
-    shift
-    local data_dir=data dataset=fashion_mnist sizes=() workers
-    workers="$(nproc)"
-    [ "$workers" -gt 8 ] && workers=8
+# The demo's data and recipe: the Makefile's on the device; the dry run trains on the tests' tiny dataset.
+# Sets DEMO_DATA_DIR, DEMO_DATASET, DEMO_SIZES, DEMO_WORKERS and DEMO_RECIPE, or STEP_STATUS=skipped.
+demo_setup() {
+    DEMO_DATA_DIR=data
+    DEMO_DATASET=fashion_mnist
+    DEMO_SIZES=()
+    DEMO_WORKERS="$(nproc)"
+    [ "$DEMO_WORKERS" -gt 8 ] && DEMO_WORKERS=8
     if [ "$QUICK" = 1 ]; then
-        data_dir="$WORK/data"
-        dataset=tiny
-        sizes=(--num_iters 5 --batch_size 8 --print_every 5)
-        workers=0
-        [ -d "$data_dir/tiny" ] || run_command tiny-data "$LOG" "$PYTHON" "$HELPER" tiny-data "$data_dir" || return
+        DEMO_DATA_DIR="$WORK/data"
+        DEMO_DATASET=tiny
+        DEMO_SIZES=(--num_iters 5 --batch_size 8 --print_every 5)
+        DEMO_WORKERS=0
+        if [ ! -d "$DEMO_DATA_DIR/tiny" ]; then
+            run_command tiny-data "$LOG" "$PYTHON" "$HELPER" tiny-data "$DEMO_DATA_DIR" || return
+        fi
     elif ! fashion_lists_present; then
         STEP_STATUS=skipped
         STEP_REASON="$FASHION is missing (see the fashion_data step)"
         return 0
     fi
-    local recipe_text recipe=()
+    local recipe_text
     if ! recipe_text="$("$PYTHON" "$HELPER" demo-flags Makefile 2>>"$LOG")"; then
         STEP_REASON="could not read DEMO_FLAGS from the Makefile"
         return 1
     fi
-    mapfile -t recipe <<<"$recipe_text"
+    mapfile -t DEMO_RECIPE <<<"$recipe_text"
+}
+
+# The demo's training with the run's outputs under $WORK: NAME, LOGFILE, then the command before
+# train_mmhh.py (python, or python -m torch.distributed.run ...) up to "--", then more train_mmhh.py flags.
+demo_train() {
+    local name="$1" logfile="$2" launcher=()
+    shift 2
+    while [ "$1" != -- ]; do launcher+=("$1"); shift; done
+    shift
+    run_command "$name train" "$logfile" "${launcher[@]}" train_mmhh.py "${DEMO_RECIPE[@]}" --annotation "$name" \
+        --s_dataset "$DEMO_DATASET" --data_dir "$DEMO_DATA_DIR" "${DEMO_SIZES[@]}" --gpu_id "$GPU_ID" \
+        --workers "$DEMO_WORKERS" --snap_path "$WORK/snapshot/" --log_dir "$WORK/log" --runs_dir "$WORK/runs" \
+        --test_output_dir "$WORK/test_output" "$@"
+}
+
+# The demo trained and tested on the device: NAME, then train_mmhh.py flags (--amp or none).
+demo_run() {
+    local name="$1"
+    shift
+    demo_setup || return
+    [ "$STEP_STATUS" = skipped ] && return 0
     local train_log="$OUTDIR/train.log"
     echo "===== $name: train_mmhh.py" >>"$train_log"
-    run_command "$name train" "$train_log" "$PYTHON" train_mmhh.py "${recipe[@]}" --annotation "$name" \
-        --s_dataset "$dataset" --data_dir "$data_dir" "${sizes[@]}" --gpu_id "$GPU_ID" --workers "$workers" \
-        --snap_path "$WORK/snapshot/" --log_dir "$WORK/log" --runs_dir "$WORK/runs" \
-        --test_output_dir "$WORK/test_output" "$@" || return
+    demo_train "$name" "$train_log" "$PYTHON" -- "$@" || return
     local train_s="$COMMAND_SECONDS" snapshot
     snapshot="$(ls "$WORK/snapshot/${name}_"*_iter_* | sort | tail -n 1)"
     echo "===== $name: test_mmhh.py" >>"$train_log"
-    run_command "$name test" "$train_log" "$PYTHON" test_mmhh.py --model_path "$snapshot" --dataset "$dataset" \
-        --data_dir "$data_dir" --radius 2 --batch_size 256 --workers "$workers" --gpu_id "$GPU_ID" "$@" \
+    run_command "$name test" "$train_log" "$PYTHON" test_mmhh.py --model_path "$snapshot" --dataset "$DEMO_DATASET" \
+        --data_dir "$DEMO_DATA_DIR" --radius 2 --batch_size 256 --workers "$DEMO_WORKERS" --gpu_id "$GPU_ID" "$@" \
         --log_dir "$WORK/log" --annotation "$name-test" --output_path "$WORK/test_output/$name" || return
     run_command "$name result" "$LOG" "$PYTHON" "$HELPER" demo-result "$WORK/test_output/$name/metrics.json" \
         --reference test_output/demo/metrics.json --train_s "$train_s" --test_s "$COMMAND_SECONDS" \
         --json "$WORK/steps/$name.json"
+}
+
+# Issue 13's one-GPU figures: the demo's training under --amp, alone and under torchrun with one process
+# (DistributedDataParallel, the all-gather of the batch's codes, NCCL on CUDA, gloo on the CPU).
+step_ddp() {
+    demo_setup || return
+    [ "$STEP_STATUS" = skipped ] && return 0
+    local iterations=(--num_iters 300 --print_every 50 --test_sample_ratio 0.02)
+    [ "$QUICK" = 1 ] && iterations=()
+    local train_log="$OUTDIR/train.log" plain_s torchrun_s
+    echo "===== ddp_plain: train_mmhh.py" >>"$train_log"
+    demo_train ddp_plain "$WORK/ddp_plain.log" "$PYTHON" -- "${iterations[@]}" --amp
+    local rc=$?
+    cat "$WORK/ddp_plain.log" >>"$train_log"
+    [ "$rc" = 0 ] || return "$rc"
+    plain_s="$COMMAND_SECONDS"
+    echo "===== ddp_torchrun: torchrun --nproc_per_node 1 train_mmhh.py" >>"$train_log"
+    demo_train ddp_torchrun "$WORK/ddp_torchrun.log" "$PYTHON" -m torch.distributed.run --standalone \
+        --nproc_per_node 1 -- "${iterations[@]}" --amp
+    rc=$?
+    cat "$WORK/ddp_torchrun.log" >>"$train_log"
+    [ "$rc" = 0 ] || return "$rc"
+    torchrun_s="$COMMAND_SECONDS"
+    run_command "ddp result" "$LOG" "$PYTHON" "$HELPER" ddp-result "$WORK/ddp_plain.log" "$WORK/ddp_torchrun.log" \
+        --plain_s "$plain_s" --torchrun_s "$torchrun_s" --json "$WORK/steps/ddp.json"
 }
 
 step_demo_amp() {
@@ -358,6 +405,7 @@ main() {
     run_step metrics_timing 120
     run_step bench_train 180
     run_step demo_amp 200
+    run_step ddp 120
     run_step test_suite 240
     run_step bench_metrics 150
     run_step demo_fp32 200 optional

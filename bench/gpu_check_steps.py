@@ -69,6 +69,12 @@ def main(argv=None):
     command.add_argument("--train_s", type=float, required=True, help="wall seconds of train_mmhh.py")
     command.add_argument("--test_s", type=float, required=True, help="wall seconds of test_mmhh.py")
     command.add_argument("--json", required=True)
+    command = commands.add_parser("ddp-result")
+    command.add_argument("plain_log", help="train_mmhh.py's output, one process")
+    command.add_argument("torchrun_log", help="train_mmhh.py's output under torchrun --nproc_per_node 1")
+    command.add_argument("--plain_s", type=float, required=True, help="wall seconds of the plain run")
+    command.add_argument("--torchrun_s", type=float, required=True, help="wall seconds of the torchrun run")
+    command.add_argument("--json", required=True)
     command = commands.add_parser("summary")
     command.add_argument("steps_tsv")
     command.add_argument("steps_dir")
@@ -327,6 +333,24 @@ def demo_result(args):
     return 0
 
 
+def ddp_result(args):
+    """Training speed alone and through the distributed path: the last it/s each run printed, and wall time."""
+    result = {}
+    for name, path, seconds in (("plain", args.plain_log, args.plain_s), ("torchrun", args.torchrun_log,
+                                                                           args.torchrun_s)):
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            speeds = re.findall(r"([0-9.]+) it/s", handle.read())
+        if not speeds:
+            print(f"error: {path}: no 'it/s' progress line; see train.log", file=sys.stderr)
+            return 1
+        result[f"{name}_it_per_s"] = float(speeds[-1])
+        result[f"{name}_wall_s"] = seconds
+    result["torchrun_over_plain"] = result["torchrun_it_per_s"] / result["plain_it_per_s"]
+    print(json.dumps(result, indent=1))
+    write_json(args.json, result)
+    return 0
+
+
 def summary(args):
     """summary.json: every step's status, seconds, reason and key numbers; exit 1 unless none failed."""
     steps = []
@@ -372,6 +396,9 @@ def key_numbers(name, numbers):
         counts = numbers["counts"]
         return f"{counts['passed']} passed, {counts['failures']} failed, {counts['errors']} errors, " \
                f"{counts['skipped']} skipped ({numbers['cuda_tests_skipped']} needing CUDA)"
+    if name == "ddp":
+        return (f"training {numbers['plain_it_per_s']:.1f} it/s alone, {numbers['torchrun_it_per_s']:.1f} under "
+                f"torchrun (x{numbers['torchrun_over_plain']:.2f})")
     if name.startswith("demo"):
         cpu = numbers.get("cpu_map_radius_deephash")
         beside = f" (CPU run {cpu:.4f})" if cpu is not None else ""
@@ -382,7 +409,8 @@ def key_numbers(name, numbers):
 
 COMMANDS = {"environment": environment, "metrics-equal": metrics_equal, "metrics-timing": metrics_timing,
             "pytest-counts": pytest_counts, "bench-train-numbers": bench_train_numbers, "demo-flags": demo_flags,
-            "tiny-data": tiny_data, "demo-result": demo_result, "summary": summary}
+            "tiny-data": tiny_data, "demo-result": demo_result, "ddp-result": ddp_result,
+            "summary": summary}
 
 if __name__ == "__main__":
     sys.exit(main())

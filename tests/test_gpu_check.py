@@ -12,7 +12,7 @@ sys.path.insert(0, os.path.join(REPO, "bench"))
 
 import gpu_check_steps  # noqa: E402  (bench/ is not a package)
 
-STEPS = ["environment", "fashion_data", "metrics_equal", "metrics_timing", "bench_train", "demo_amp", "test_suite",
+STEPS = ["environment", "fashion_data", "metrics_equal", "metrics_timing", "bench_train", "demo_amp", "ddp", "test_suite",
          "bench_metrics", "demo_fp32"]
 FILES = {"summary.json", "gpu_check.log", "pytest.log", "train.log", "bench_train.json", "metrics_equal.json"}
 
@@ -50,6 +50,7 @@ def test_dry_run_passes_every_step_or_says_why_it_skipped(dry_run):
     assert steps["test_suite"]["numbers"]["counts"]["passed"] >= 1
     assert steps["demo_amp"]["numbers"]["dataset"] == "tiny"
     assert 0.0 <= steps["demo_amp"]["numbers"]["map_radius_deephash"] <= 1.0
+    assert steps["ddp"]["numbers"]["plain_it_per_s"] > 0 and steps["ddp"]["numbers"]["torchrun_it_per_s"] > 0
 
 
 def test_dry_run_writes_few_flat_files(dry_run):
