@@ -10,7 +10,7 @@ DEMO_FLAGS := --s_dataset fashion_mnist --annotation demo --image_network ResNet
 	--num_iters $(DEMO_ITERS) --lr 0.02 --decay_step 300 --weight_decay 5e-4 --gamma 10 --loss_lambda 0.001 \
 	--radius 2 --workers 0 --gpu_id cpu --print_every 50 --test_sample_ratio 0.1
 
-.PHONY: setup test demo compare bench clean-venv
+.PHONY: setup test demo compare compare-common bench clean-venv
 
 setup: $(VENV)/.installed
 
@@ -37,6 +37,14 @@ COMPARE_FLAGS := --image_network ResNetFc --backbone ResNet18 --pretrained none 
 compare: setup data/fashion_mnist/train.txt
 	$(PY) compare.py --dataset fashion_mnist --methods MMHH DCH HashNet --bits 16 48 --seeds 0 \
 		--output compare/fashion_mnist $(COMPARE_FLAGS)
+
+# The same cells with one optimiser for every method (the demo's, tuned for MMHH on a validation split):
+# each method keeps its recipe's loss flags.
+COMMON_OPTIMISER := --lr 0.02 --lr_schedule_type Stair_Step --decay_step 300 --weight_decay 5e-4 --batch_size 48
+
+compare-common: setup data/fashion_mnist/train.txt
+	$(PY) compare.py --dataset fashion_mnist --methods MMHH DCH HashNet --bits 16 48 --seeds 0 \
+		--output compare/fashion_mnist_common $(COMPARE_FLAGS) $(COMMON_OPTIMISER)
 
 data/fashion_mnist/train.txt:
 	@if [ ! -e $(FASHION_ROOT)/train-images-idx3-ubyte.gz ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
