@@ -21,6 +21,7 @@ Only the members of a Hamming ball are ranked, never the whole database, unless 
 (the MAP curve at every radius: ``map_curve_radius=-1``).
 """
 import concurrent.futures
+import math
 
 import numpy as np
 import torch
@@ -339,18 +340,20 @@ _CPU_BATCH_BYTES = 32 * 2**20
 def _unique_label_rows(labels):
     """(inverse (N,), distinct rows (U, C) float32, their counts (U,) float64) of a 0/1 matrix."""
     n, c = labels.shape
-    # Pack each row into int64 words (62 labels per word, exact) so that unique is a cheap 1-D sort
-    # for up to 62 labels; torch.unique(dim=0) on the raw rows is several times slower.
-    words = []
-    for start in range(0, c, 62):
-        block = labels[:, start:start + 62].to(torch.int64)
-        weights = torch.pow(2, torch.arange(block.shape[1], device=labels.device, dtype=torch.int64))
-        words.append((block * weights).sum(1))
-    if len(words) == 1:
-        _, inverse, counts = torch.unique(words[0], return_inverse=True, return_counts=True)
-    else:
-        _, inverse, counts = torch.unique(torch.stack(words, 1), dim=0, return_inverse=True,
-                                          return_counts=True)
+    dev = labels.device
+    # Pack each row into int64 words of 64 labels (a byte holds 8, as in pack_signs), then number
+    # the distinct rows a word at a time with 1-D uniques (cheap sorts) of (row number so far, word
+    # number), both below N: the pair fits an int64 below N^2. torch.unique(dim=0) on the rows is
+    # several times slower.
+    bits = torch.zeros(n, -(-c // 64) * 64, dtype=torch.uint8, device=dev)
+    bits[:, :c] = labels
+    shifts = torch.arange(8, dtype=torch.uint8, device=dev)
+    words = (bits.view(n, -1, 8) << shifts).sum(2, dtype=torch.uint8).view(torch.int64)   # (N, words)
+    inverse = None
+    for word in words.unbind(1):
+        _, number = torch.unique(word, return_inverse=True)
+        inverse = number if inverse is None else torch.unique(inverse * n + number, return_inverse=True)[1]
+    counts = torch.bincount(inverse)
     # Any member of a group represents its row (all members are equal).
     representative = torch.zeros(counts.numel(), dtype=torch.int64, device=labels.device)
     representative.scatter_(0, inverse, torch.arange(n, device=labels.device))
@@ -587,8 +590,7 @@ def _sign_scan(data, top_r, budget, want_pn):
     n_rel_db = torch.zeros(Q, dtype=torch.int64)
     ap = torch.zeros(Q, dtype=torch.float64)
     n_rel = torch.zeros(Q, dtype=torch.int64)
-    hits_at = torch.zeros(top_r, dtype=torch.int64, device=dev)    # sum over queries of #rel in top n
-    positions = torch.arange(1, top_r + 1, device=dev, dtype=torch.float64)
+    found = torch.zeros(top_r, dtype=torch.int64, device=dev)      # relevant items at each rank, all queries
     chunks = _query_chunks(data, N * _SIGN_BYTES_PER_PAIR + top_r * _TOPK_BYTES_PER_HIT, budget)
     products = _product_buffer(data, chunks, data.bd.dtype)
     rel, cells = _product_buffer(data, chunks, torch.int32), _product_buffer(data, chunks, torch.int32)
@@ -618,12 +620,12 @@ def _sign_scan(data, top_r, budget, want_pn):
         first = candidates.cumsum(0) - candidates
         top = order[(first[:, None] + torch.arange(top_r, device=dev)).flatten()]   # (c R,)
         top_rel = (near_cells[top] & 1).view(c, top_r) > 0    # (c, R) relevance in rank order
-        ap_c, n_c, hits = _ranked_ap(top_rel, positions)
+        ap_c, n_c, found_at = _ranked_ap(top_rel)
         ap[start:stop], n_rel[start:stop] = ap_c.cpu(), n_c.cpu()
         if want_pn:
-            hits_at += hits.sum(0)
+            found += found_at
     n_at = n_at.cumsum(1)                                       # within each radius
-    pn = (hits_at.to(torch.float64) / positions / Q).cpu() if want_pn else None
+    pn = _precision_at_n(found, Q) if want_pn else None
     return {"n_ball": n_at.sum(2), "n_rel_ball": n_at[:, :, 1], "n_rel_db": n_rel_db,
             "topk": (ap, n_rel, pn)}
 
@@ -635,20 +637,24 @@ def _topk_stats(data, top_r, use_sign, budget, want_pn):
     Q, N = data.Q, data.N
     ap = torch.zeros(Q, dtype=torch.float64)
     n_rel = torch.zeros(Q, dtype=torch.int64)
-    hits_at = torch.zeros(top_r, dtype=torch.int64, device=data.device)   # sum over queries of #rel in top n
-    positions = torch.arange(1, top_r + 1, device=data.device, dtype=torch.float64)
+    found = torch.zeros(top_r, dtype=torch.int64, device=data.device)   # relevant items at each rank, all queries
     chunks = _query_chunks(data, N * _TOPK_BYTES_PER_PAIR + top_r * _TOPK_BYTES_PER_HIT, budget)
     buffer = _product_buffer(data, chunks, torch.float64)
+    numpy_select = data.device.type == "cpu" and _NUMPY_SELECT_ON_CPU
+    columns = _locality_order(data) if numpy_select else None
+    hd, inv = (data.hd, data.inv) if columns is None else (data.hd[columns], data.inv[columns])
     for start, stop in chunks:
-        scores = torch.matmul(data.hq[start:stop], data.hd.T, out=buffer[:stop - start])   # (c, N)
-        top = _rank_top(scores, top_r)                          # (c, R)
+        scores = torch.matmul(data.hq[start:stop], hd.T, out=buffer[:stop - start])   # (c, N)
         rel_u, _ = _relevance(data, start, stop)
-        rel = rel_u.gather(1, data.inv[top])                    # (c, R)
-        ap_c, n_c, hits = _ranked_ap(rel, positions)
+        if numpy_select:
+            rel = _top_relevance_numpy(scores, top_r, rel_u, inv, columns)   # (c, R)
+        else:
+            rel = rel_u.gather(1, inv[_rank_top(scores, top_r)])
+        ap_c, n_c, found_at = _ranked_ap(rel)
         ap[start:stop], n_rel[start:stop] = ap_c.cpu(), n_c.cpu()
         if want_pn:
-            hits_at += hits.sum(0)
-    pn = (hits_at.to(torch.float64) / positions / Q).cpu() if want_pn else None
+            found += found_at
+    pn = _precision_at_n(found, Q) if want_pn else None
     return ap, n_rel, pn
 
 
@@ -679,29 +685,49 @@ def _product_buffer(data, chunks, dtype):
     return torch.empty(rows, data.N, dtype=dtype, device=data.device)
 
 
-def _ranked_ap(rel, positions):
-    """AP and #relevant of each row of a ranked (c, R) relevance matrix, and its running #relevant."""
-    hits = rel.to(torch.int64).cumsum(1)                        # (c, R) #relevant in the top n
-    n = hits[:, -1]
-    terms = torch.where(rel, hits / positions, 0.0)             # P@n * rel_n
-    return torch.where(n > 0, terms.sum(1) / n.clamp(min=1), 0.0), n, hits
+def _precision_at_n(found, queries):
+    """Mean precision@N for N = 1..R, from the relevant items at each rank summed over queries."""
+    ranks = torch.arange(1, found.numel() + 1, device=found.device, dtype=torch.float64)
+    return (found.cumsum(0) / ranks / queries).cpu()
+
+
+def _ranked_ap(rel):
+    """AP and #relevant of each row of a ranked (c, R) relevance matrix, and the #relevant at each
+    rank summed over the rows (R,)."""
+    hits = rel.cumsum(1, dtype=torch.float64)                   # (c, R) #relevant in the top n
+    n = hits[:, -1].to(torch.int64)
+    ranks = torch.arange(1, rel.shape[1] + 1, device=rel.device, dtype=torch.float64)
+    terms = hits.mul_(rel).div_(ranks)                          # P@n * rel_n
+    return terms.sum(1) / n.clamp(min=1), n, rel.sum(0)         # AP 0 where n = 0: every term is 0
 
 
 # ----------------------------------------------------------------------------------------------
 # Selection and ranking helpers
 # ----------------------------------------------------------------------------------------------
 
+def _locality_order(data):
+    """Database indices ordered by packed sign code (the code table's order; K <= 64), else None.
+
+    Items with similar codes score alike, so in this order a query's best items form runs instead
+    of being scattered: numpy's nonzero, which branches per item, finds them 4x faster (demo codes).
+    BLAS may round a product against the reordered database differently in the last place (c50k:
+    0.005% of pairs, demo: none): for inexact real codes that decides near-ties at the 1e-16 level,
+    as the module docstring says; exact products are the same numbers.
+    """
+    return _code_table(data).order.to(torch.int64) if data.K <= MAX_TABLE_BITS else None
+
+
 def _rank_top(scores, top_r):
     """(c, R) indices of each row's R best scores, ordered by (-score, index).
 
-    Selection (topk, argpartition) orders equal scores arbitrarily and picks an arbitrary subset of
-    the items tied at the R-th score. Rows whose sorted top R+1 hold no two equal scores are exact
-    as they are (comparisons treat -0.0 and +0.0 as equal, so a split pair shows up as a tie); the
-    others (rare for continuous codes) are redone by comparisons: the items above the R-th score
-    plus the lowest-indexed items equal to it, then a stable sort of them in index order.
+    Selection (topk) orders equal scores arbitrarily and picks an arbitrary subset of the items
+    tied at the R-th score. Rows whose sorted top R+1 hold no two equal scores are exact as they
+    are (comparisons treat -0.0 and +0.0 as equal, so a split pair shows up as a tie); the others
+    (rare for continuous codes) are redone by comparisons: the items above the R-th score plus the
+    lowest-indexed items equal to it, then a stable sort of them in index order.
     """
     n = scores.shape[1]
-    values, top = _top_sorted(scores, min(top_r + 1, n))        # (c, R+1), or (c, N) when R = N
+    values, top = torch.topk(scores, min(top_r + 1, n), dim=1, sorted=True)   # (c, R+1), or (c, N)
     tied = (values[:, 1:] == values[:, :-1]).any(1).nonzero().flatten()
     top = top[:, :top_r]
     if tied.numel():
@@ -716,36 +742,85 @@ def _rank_top(scores, top_r):
     return top
 
 
-def _top_sorted(scores, k):
-    """(values, indices) of each row's k largest scores, by decreasing score; ties in any order."""
-    if scores.device.type != "cpu" or not _NUMPY_SELECT_ON_CPU:
-        return torch.topk(scores, k, dim=1, sorted=True)
-    # On the CPU numpy's introselect + a sort of the k winners is 2-3x faster than torch.topk, and
-    # row by row (the row still in cache for the gathers) twice as fast again as on the whole block.
-    # numpy is single-threaded but releases the GIL: row blocks go to torch's number of threads.
-    c, n = scores.shape
-    array = scores.numpy()
-    values = np.empty((c, k), dtype=array.dtype)
-    top = np.empty((c, k), dtype=np.int64)
+def _top_relevance_numpy(scores, top_r, rel_u, inv, columns=None):
+    """(c, R) relevance of each row's R best items in rank order (-score, index), on the CPU, row
+    by row in numpy (several times faster than torch.topk, and the row stays in cache): a superset
+    of the top R (_top_candidates), ranked by _ranked_relevance. Column j of ``scores`` is database
+    item ``columns[j]`` (None: item j) and has label row inv[j]; rel_u (c, U) is each row's
+    relevance to the label rows. numpy releases the GIL in its loops: row blocks go to torch's
+    threads."""
+    array, item_rel, inv = scores.numpy(), rel_u.numpy(), inv.numpy()
+    index = None if columns is None else columns.numpy()
+    relevance = np.zeros((array.shape[0], top_r), dtype=bool)
 
-    def select(lo, hi):
+    def rank_rows(lo, hi):
         for i in range(lo, hi):
             row = array[i]
-            part = np.argpartition(row, n - k)[n - k:]          # the k largest, unordered
-            row_values = row[part]
-            order = np.argsort(row_values)[::-1]                # decreasing
-            values[i] = row_values[order]
-            top[i] = part[order]
+            candidates = _top_candidates(row, top_r)
+            relevance[i] = _ranked_relevance(row[candidates], item_rel[i][inv[candidates]], top_r,
+                                             candidates if index is None else index[candidates])
 
-    workers = max(1, min(torch.get_num_threads(), c))
-    bounds = [c * i // workers for i in range(workers + 1)]
+    _in_threads(rank_rows, array.shape[0])
+    return torch.from_numpy(relevance)
+
+
+def _ranked_relevance(values, rel, top_r, index):
+    """Relevance of the R best of float64 ``values`` in rank order (-value, index); ``rel`` and
+    ``index`` hold each value's relevance and database index.
+
+    One sort of int64 keys -- the float's decreasing order as an integer, its last bit replaced by
+    the relevance: an integer sort, faster than numpy's argsort of floats, and the sorted keys hold
+    the answer, with no gather. It is exact when no two of the R + 1 first keys share their other 63 bits (no
+    equal scores, -0.0 and +0.0 included, and none 1 unit in the last place apart); other rows are
+    ranked by comparisons of (-value, index).
+    """
+    keys = (values + 0.0).view(np.int64)                       # + 0.0 turns -0.0 into +0.0
+    keys ^= (keys >> 63) & 0x7FFF_FFFF_FFFF_FFFF              # flip negative floats' magnitude bits
+    np.invert(keys, out=keys)                                   # ascending keys: decreasing values
+    keys &= -2
+    keys |= rel
+    keys.sort()
+    best = keys[:top_r + 1] >> 1
+    if np.all(best[1:] != best[:-1]):
+        return (keys[:top_r] & 1).astype(bool)
+    return rel[np.lexsort((index, -values))[:top_r]]
+
+
+def _top_candidates(row, top_r):
+    """Ascending indices of the items scoring at least the R-th best score -- every item of the top
+    R and every item tied with its last -- and possibly a few more.
+
+    The threshold is first a quantile of a strided sample, set so that about R plus 4 standard
+    deviations items reach it: one pass over the row instead of a selection over all of it.
+    Should fewer than R reach it, the R-th best score is selected exactly.
+    """
+    n = row.size
+    if top_r >= n:
+        return np.arange(n)
+    sample = row[::_SAMPLE_STEP]
+    expected = top_r / _SAMPLE_STEP
+    k = math.ceil(expected + 4 * math.sqrt(expected))         # sample items at or above the guess
+    if k < sample.size:
+        guess = np.partition(sample, sample.size - k)[sample.size - k]
+        candidates = np.flatnonzero(row >= guess)
+        if candidates.size >= top_r:                            # then the R-th best score >= guess
+            return candidates
+    return np.flatnonzero(row >= np.partition(row, n - top_r)[n - top_r])
+
+
+_SAMPLE_STEP = 8
+
+
+def _in_threads(work, rows):
+    """work(lo, hi) on blocks of rows [0, rows), one per torch thread (numpy releases the GIL)."""
+    workers = max(1, min(torch.get_num_threads(), rows))
+    bounds = [rows * i // workers for i in range(workers + 1)]
     if workers == 1:
-        select(0, c)
-    else:
-        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-            for done in [pool.submit(select, lo, hi) for lo, hi in zip(bounds, bounds[1:])]:
-                done.result()
-    return torch.from_numpy(values), torch.from_numpy(top)
+        work(0, rows)
+        return
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        for done in [pool.submit(work, lo, hi) for lo, hi in zip(bounds, bounds[1:])]:
+            done.result()
 
 
 _NUMPY_SELECT_ON_CPU = True     # tests turn it off to run the torch.topk path (the GPU's) on the CPU

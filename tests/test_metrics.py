@@ -613,3 +613,71 @@ def test_lookup_handles_64_bit_codes():
                 got = metrics.map_at_radius(hd, ld, hq, lq, radius, device="cpu")
             assert got["precision"] == want["precision"] == 1.0
             assert close(got["recall"], (radius + 1) / 3)
+
+
+# ----------------------------------------------------------------------------------------------
+# MAP@TopK on the CPU: candidates from a sampled threshold, ranking by integer keys
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bits", [4, 65])                   # 65: no code table, database order kept
+@pytest.mark.parametrize("spacing", [1, 2])                 # units in the last place between scores
+def test_topk_near_ties_around_the_cut(bits, spacing):
+    # Scores 1 + spacing * j * 2^-52, j < 40, with exact duplicates: thousands of items closer than
+    # float32 can tell apart around every R-th score. At spacing 1 neighbouring scores share the
+    # ranking key's 63 bits (the exact fallback); at 2 they do not (the integer sort alone).
+    rng = np.random.default_rng(spacing)
+    n = 4000
+    hd = rng.choice([-0.5, 0.5], (n, bits))
+    hd[:, 0] = 1.0 + spacing * rng.integers(0, 40, n) * 2.0**-52
+    hd[:25, 0] = 1.0 + spacing * (40 + np.arange(25)) * 2.0**-52     # 25 distinct best scores
+    hq = np.zeros((3, bits))
+    hq[:, 0] = [1.0, 0.5, -1.0]                                 # scores h_x0, h_x0 / 2, -h_x0: exact
+    ld = np.eye(3)[rng.integers(0, 3, n)]
+    lq = np.eye(3)
+    for top_r in (1, 10, 25, 26, 130, 1999, 4000):
+        got = metrics.map_at_topk(hd, ld, hq, lq, top_r, convention="mmhh", device="cpu")
+        assert close(got, ref_map_at_topk(hd, ld, hq, lq, top_r, False, "mmhh")), top_r
+    got = metrics.precision_at_n(hd, ld, hq, lq, 130, device="cpu")
+    assert all(close(g, w) for g, w in zip(got, ref_precision_at_n(hd, ld, hq, lq, 130), strict=True))
+
+
+def test_top_candidates_when_the_sample_misjudges():
+    # Every 8th item (the strided sample) scores high, the others low: fewer than R items reach
+    # the sample's quantile, so the R-th score is selected exactly.
+    row = np.zeros(800)
+    row[::8] = 10.0 + np.arange(100)
+    row[1::8] = 5.0
+    for top_r in (200, 150, 101):
+        candidates = metrics._top_candidates(row, top_r)
+        cut = np.sort(row)[-top_r]
+        assert np.array_equal(candidates, np.flatnonzero(row >= cut))
+
+
+@FAST
+@given(st.data())
+def test_ranked_relevance_is_exact(data):
+    # Scores a few units in the last place apart, equal ones, and signed zeros, against a sort by
+    # (-score, index).
+    n = data.draw(st.integers(1, 60))
+    steps = data.draw(st.lists(st.integers(0, 6), min_size=n, max_size=n))
+    base = data.draw(st.sampled_from([1.0, -1.0, 0.0, 2.0**-1060]))   # 2^-1060: subnormal steps
+    values = np.array([np.nextafter(base, np.inf) if s == 6 else base + s * np.spacing(base) for s in steps])
+    values[np.array(data.draw(st.lists(st.booleans(), min_size=n, max_size=n)))] *= -1.0
+    rel = np.array(data.draw(st.lists(st.booleans(), min_size=n, max_size=n)))
+    index = np.array(data.draw(st.permutations(range(n))))
+    top_r = data.draw(st.integers(1, n))
+    want = [rel[i] for i in sorted(range(n), key=lambda i: (-values[i], index[i]))[:top_r]]
+    assert metrics._ranked_relevance(values.copy(), rel, top_r, index).tolist() == want
+
+
+def test_label_rows_of_many_words_are_numbered_exactly():
+    # 130 labels: three 64-label words per row, rows equal in some words only.
+    rng = np.random.default_rng(5)
+    patterns = (rng.random((6, 130)) < 0.3).astype(np.uint8)
+    patterns[1, 64:] = patterns[0, 64:]                         # equal to row 0 past the first word
+    patterns[2, :128] = patterns[0, :128]                       # differs from row 0 in the last word only
+    labels = torch.from_numpy(patterns[rng.integers(0, 6, 500)])
+    inverse, rows, counts = metrics._unique_label_rows(labels)
+    assert torch.equal(rows[inverse], labels.to(torch.float32))
+    assert len(rows) == len(np.unique(labels.numpy(), axis=0)) == len(counts)
+    assert counts.sum() == 500 and torch.equal(counts, torch.bincount(inverse).to(torch.float64))
