@@ -13,9 +13,6 @@ SATURATION = 0.99
 SATURATED_SHARE = 0.99
 CONSTANT_BALANCE = 0.99
 COLLAPSE_PATIENCE = 50
-# Evaluation calls codes collapsed when at most this fraction of the database codes are distinct.
-COLLAPSED_DISTINCT_FRACTION = 0.01
-
 ADVICE = ("Likely cause: the outputs saturated early (too high a --lr, or a --sigmoid_param too large for "
           "it), so tanh stopped passing gradient. Try a 10x lower --lr, a smaller --sigmoid_param (HashNet: "
           "10/K), or the method's published settings with --recipe.")
@@ -41,16 +38,21 @@ def code_health(codes):
             "constant_bits": int((per_bit == 1).sum())}
 
 
-def collapse_warning(health, num_codes, hash_bit):
-    """A warning naming the cause and the fix when the codes have collapsed, else None."""
+def collapse_warning(health, num_codes, hash_bit, num_labels):
+    """A warning naming the cause and the fix when the codes have collapsed, else None.
+
+    Collapsed: fewer distinct database codes than the label columns they should tell apart, or every
+    bit constant. Not a share of the database: ideal codes of 10 classes are 10 codes, and a healthy
+    16-bit run on Fashion-MNIST (MAP@H<=2 0.80) had 591 among 69,000.
+    """
     if num_codes == 0:
         return None
-    few_codes = health["distinct_codes"] <= max(1.0, COLLAPSED_DISTINCT_FRACTION * num_codes)
-    if not (few_codes or health["constant_bits"] == hash_bit):
+    too_few = health["distinct_codes"] < max(2, num_labels)
+    if not (too_few or health["constant_bits"] == hash_bit):
         return None
     return (f"codes collapsed: {health['distinct_codes']} distinct sign codes among {num_codes} database "
-            f"items, {health['constant_bits']} of {hash_bit} bits constant (bit balance "
-            f"{health['bit_balance']:.3f}), so a Hamming ball holds all or none of the database. {ADVICE}")
+            f"items for {num_labels} labels, {health['constant_bits']} of {hash_bit} bits constant (bit "
+            f"balance {health['bit_balance']:.3f}), so Hamming balls cannot tell the labels apart. {ADVICE}")
 
 
 class CollapseWatch:

@@ -125,7 +125,8 @@ def score_codes(database_codes, database_labels, query_codes, query_labels, radi
     result["convention"] = "mmhh" if opt_test else "deephash"
     result["headline"] = headline_metric(result, opt_test)
     log_report(result)
-    warning = code_health.collapse_warning(result, result["num_database"], result["hash_bit"])
+    warning = code_health.collapse_warning(result, result["num_database"], result["hash_bit"],
+                                           num_labels=database_labels.shape[1])
     if warning:
         log.warning("warning: %s", warning)
     if output_dir:

@@ -29,14 +29,20 @@ def test_batch_health_counts_saturation_and_balance():
 
 
 def test_collapse_warning_only_for_collapsed_codes():
-    collapsed = code_health.collapse_warning(code_health.code_health(torch.full((500, 8), 0.9)), 500, 8)
+    collapsed = code_health.collapse_warning(code_health.code_health(torch.full((500, 8), 0.9)), 500, 8, 10)
     assert "collapsed" in collapsed and "--lr" in collapsed and "--sigmoid_param" in collapsed
     healthy = torch.tensor([[1.0 if (i >> b) & 1 else -1.0 for b in range(8)] for i in range(256)])
-    assert code_health.collapse_warning(code_health.code_health(healthy), 256, 8) is None
-    # 5 distinct codes among 1,000 items is under 1%: collapsed although no bit is constant.
+    assert code_health.collapse_warning(code_health.code_health(healthy), 256, 8, 10) is None
+    # 5 distinct codes for 10 labels: collapsed although no bit is constant.
     few = healthy[torch.arange(1000) % 5 * 51]
     assert code_health.code_health(few)["constant_bits"] < 8
-    assert "collapsed" in code_health.collapse_warning(code_health.code_health(few), 1000, 8)
+    assert "5 distinct sign codes among 1000 database items for 10 labels" in \
+        code_health.collapse_warning(code_health.code_health(few), 1000, 8, 10)
+    # 12 codes for 10 classes is what good codes look like, however large the database.
+    twelve = healthy[torch.arange(100_000) % 12 * 21]
+    assert code_health.collapse_warning(code_health.code_health(twelve), 100_000, 8, 10) is None
+    # One code is collapsed even with a single label column.
+    assert code_health.collapse_warning(code_health.code_health(healthy[:1].repeat(9, 1)), 9, 8, 1)
 
 
 def test_collapse_watch_warns_once_after_the_patience():
