@@ -126,14 +126,17 @@ def run_cell(args, method, bits, seed, redo):
     with open(os.path.join(folder, "train.log"), "w", encoding="utf-8") as log:
         log.write(shlex.join(command) + "\n")
         log.flush()
-        returncode, stderr = run_forwarding_signals(command, log)
+        returncode, stderr, signalled = run_forwarding_signals(command, log)
         log.write(stderr)
     result = {"method": method, "bits": bits, "seed": seed, "seconds": round(time.perf_counter() - start, 1),
               "recipe": method_recipe(args, method), "command": shlex.join(command)}
     if returncode == 0:
         result.update(status="ok", **cell_metrics(folder))
     else:
-        interrupted = returncode in (128 + signal.SIGINT, 128 + signal.SIGTERM)
+        # A training stopped by the signal exits 128 + its number, or dies of it (-number) when it
+        # arrives before the training's handler is installed; either way compare.py stops too.
+        interrupted = signalled or returncode in (128 + signal.SIGINT, 128 + signal.SIGTERM,
+                                                  -signal.SIGINT, -signal.SIGTERM)
         lines = [line for line in stderr.strip().splitlines() if line.strip()]
         result.update(status="interrupted" if interrupted else "failed",
                       error=lines[-1] if lines else f"exit status {returncode}")
@@ -142,9 +145,14 @@ def run_cell(args, method, bits, seed, redo):
 
 
 def run_forwarding_signals(command, log):
-    """Run a training; SIGINT / SIGTERM sent to compare.py reach it, so it snapshots and stops cleanly."""
+    """Run a training; SIGINT / SIGTERM sent to compare.py reach it, so it snapshots and stops cleanly.
+
+    Returns its exit status, its stderr and whether compare.py received one of the signals.
+    """
+    received = []
     with subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.PIPE, text=True) as child:
         def forward(signum, frame):
+            received.append(signum)
             child.send_signal(signum)
 
         previous = {signum: signal.signal(signum, forward) for signum in (signal.SIGINT, signal.SIGTERM)}
@@ -153,7 +161,7 @@ def run_forwarding_signals(command, log):
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
-    return child.returncode, stderr
+    return child.returncode, stderr, bool(received)
 
 
 def method_recipe(args, method):

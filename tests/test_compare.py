@@ -1,6 +1,10 @@
 """compare.py on tiny data: the cells, the CSV, the table and the plot, skipping and failed cells."""
 import csv
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import compare
 
@@ -58,3 +62,21 @@ def test_flags_compare_sets_itself_are_refused(tmp_path, tiny_data, capsys):
     assert compare.run_cli(compare.main, ["--dataset", "tiny", "--output", str(tmp_path), "--hash_bit", "8"]) == 2
     assert "--hash_bit is set by compare.py for each cell" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "results.csv")
+
+
+def test_sigterm_stops_compare_after_the_running_cell(tmp_path, tiny_data):
+    # `kill PID` on compare.py alone: the training gets the signal too, however early in its start-up
+    # it arrives (it may die of it before installing its handler), and no further cell starts.
+    command = [sys.executable, compare.__file__, "--dataset", "tiny", "--data_dir", str(tiny_data), "--methods",
+               "MMHH", "DCH", "--bits", "16", "--output", str(tmp_path / "cmp"), "--num_iters", "500", *TRAINING]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first_log = tmp_path / "cmp" / "cells" / "MMHH_16bit_seed0" / "train.log"
+    deadline = time.monotonic() + 60
+    while not first_log.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    assert "interrupted; rerun the same command to continue from MMHH_16bit_seed0" in err
+    assert [(r["method"], r["status"]) for r in rows(tmp_path)] == [("MMHH", "interrupted")]
+    assert not (tmp_path / "cmp" / "cells" / "DCH_16bit_seed0").exists()
