@@ -58,7 +58,7 @@ compare-tune: setup data/fashion_mnist_tune/val.txt
 	done
 
 compare-tuned: setup data/fashion_mnist/train.txt
-	$(PY) compare.py --dataset fashion_mnist --methods MMHH DCH HashNet --bits 16 48 --seeds 0 \
+	$(PY) compare.py --dataset fashion_mnist --methods MMHH DCH HashNet --bits 16 48 --seeds 0 1 2 \
 		--output compare/fashion_mnist_tuned $(COMPARE_FLAGS) $(OPTIMISER) $(TUNED_LRS)
 
 data/fashion_mnist_tune/val.txt: data/fashion_mnist/train.txt
