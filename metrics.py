@@ -449,7 +449,7 @@ def _ball_members_scan(data, radius, budget):
     """Ball members by scanning: b_q . b_x for every item (exact integers), a chunk of
     queries at a time; the members' scores are read off the chunk's float64 products h_q . h_x.
     Members come in (query, index) order."""
-    Q, N, K, dev = data.Q, data.N, data.K, data.device
+    N, K, dev = data.N, data.K, data.device
     chunks = _query_chunks(data, N * _SCAN_BYTES_PER_PAIR, budget)   # the members go in smaller batches
     agree, scores = _product_buffer(data, chunks, data.bd.dtype), _product_buffer(data, chunks, torch.float64)
     for start, stop in chunks:

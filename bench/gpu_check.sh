@@ -309,22 +309,24 @@ step_ddp() {
     [ "$STEP_STATUS" = skipped ] && return 0
     local iterations=(--num_iters 300 --print_every 50 --test_sample_ratio 0.02)
     [ "$QUICK" = 1 ] && iterations=()
-    local train_log="$OUTDIR/train.log" plain_s torchrun_s
-    echo "===== ddp_plain: train_mmhh.py" >>"$train_log"
-    demo_train ddp_plain "$WORK/ddp_plain.log" "$PYTHON" -- "${iterations[@]}" --amp
-    local rc=$?
-    cat "$WORK/ddp_plain.log" >>"$train_log"
-    [ "$rc" = 0 ] || return "$rc"
-    plain_s="$COMMAND_SECONDS"
-    echo "===== ddp_torchrun: torchrun --nproc_per_node 1 train_mmhh.py" >>"$train_log"
-    demo_train ddp_torchrun "$WORK/ddp_torchrun.log" "$PYTHON" -m torch.distributed.run --standalone \
-        --nproc_per_node 1 -- "${iterations[@]}" --amp
-    rc=$?
-    cat "$WORK/ddp_torchrun.log" >>"$train_log"
-    [ "$rc" = 0 ] || return "$rc"
-    torchrun_s="$COMMAND_SECONDS"
+    ddp_train ddp_plain "$PYTHON" -- "${iterations[@]}" --amp || return
+    local plain_s="$COMMAND_SECONDS"
+    ddp_train ddp_torchrun "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node 1 -- \
+        "${iterations[@]}" --amp || return
     run_command "ddp result" "$LOG" "$PYTHON" "$HELPER" ddp-result "$WORK/ddp_plain.log" "$WORK/ddp_torchrun.log" \
-        --plain_s "$plain_s" --torchrun_s "$torchrun_s" --json "$WORK/steps/ddp.json"
+        --plain_s "$plain_s" --torchrun_s "$COMMAND_SECONDS" --json "$WORK/steps/ddp.json"
+}
+
+# One training of step_ddp, logged alone to $WORK/NAME.log (ddp-result reads its speed) and copied into
+# train.log: NAME, then demo_train's launcher, "--" and flags.
+ddp_train() {
+    local name="$1"
+    shift
+    echo "===== $name: train_mmhh.py, launcher and flags: $*" >>"$OUTDIR/train.log"
+    demo_train "$name" "$WORK/$name.log" "$@"
+    local rc=$?
+    cat "$WORK/$name.log" >>"$OUTDIR/train.log"
+    return "$rc"
 }
 
 step_demo_amp() {
