@@ -27,7 +27,6 @@ import numpy as np
 import torch
 
 from hamming_index import MAX_TABLE_BITS, CodeTable, pack_signs
-from hamming_index import pair_scores as _pair_scores
 from hamming_index import rank_members as _rank_members
 
 RADIUS_CONVENTIONS = ("deephash", "mmhh")
@@ -245,12 +244,14 @@ def _prepare(database_codes, database_labels, query_codes, query_labels, device)
     data.hq = hq.to(dev, torch.float64)                          # (Q, K)
     # sign(0) = +1. b_q . b_x is an integer of magnitude <= K: exact in float32 or bfloat16.
     signs = _sign_dtype(dev, data.K)
-    data.bd = torch.where(data.hd >= 0, 1.0, -1.0).to(signs)   # (N, K)
-    data.bq = torch.where(data.hq >= 0, 1.0, -1.0).to(signs)   # (Q, K)
+    data.bd = (data.hd >= 0).to(signs).mul_(2).sub_(1)          # (N, K)
+    data.bq = (data.hq >= 0).to(signs).mul_(2).sub_(1)          # (Q, K)
     # Relevance through the distinct database label rows: a query is scored against U patterns
     # instead of N items (U = #classes for single-label data), and an item's relevance is a lookup.
     data.inv, data.lab_u, data.count_u = _unique_label_rows(ld.to(dev, torch.uint8))
-    data.lq = lq.to(dev, torch.float32)                          # (Q, C)
+    # Relevance only asks whether l_q . l_x > 0: a sum of 0/1 products is positive in any precision,
+    # so the sign codes' fast dtype serves the labels too.
+    data.lab_u, data.lq = data.lab_u.to(signs), lq.to(dev, signs)   # (U, C), (Q, C)
     return data
 
 
@@ -364,9 +365,9 @@ def _unique_label_rows(labels):
 # Per-query statistics (the routines' cores)
 # ----------------------------------------------------------------------------------------------
 
-def _relevance(data, start, stop):
-    """Relevance of queries [start, stop) to each distinct label row, and #relevant in the database."""
-    rel_u = (data.lq[start:stop] @ data.lab_u.T) > 0          # (c, U) exact: 0/1 sums in float32
+def _relevance(data, queries):
+    """Relevance of the (c,) ``queries`` to each distinct label row (c, U), and #relevant in the database."""
+    rel_u = (data.lq[queries] @ data.lab_u.T) > 0              # (c, U)
     n_rel_db = (rel_u.to(torch.float64) @ data.count_u).round().to(torch.int64)   # (c,)
     return rel_u, n_rel_db
 
@@ -383,13 +384,16 @@ def _ball_stats(data, radius, budget, every_radius=False):
     n_rel_ball = torch.zeros(Q, W, dtype=torch.int64)
     ap = torch.zeros(Q, W, dtype=torch.float64)
     n_rel_db = torch.zeros(Q, dtype=torch.int64)
-    method = _ball_method(data, radius)
-    members = (_ball_members_scan(data, radius, budget) if method == "scan"
-               else _ball_members_lookup(data, radius, budget, gather=method == "lookup-gather"))
-    for start, stop, qi, xi, dist, score in members:
-        # (M,) members of queries [start, stop), grouped by query.
-        c = stop - start
-        rel_u, n_rel_here = _relevance(data, start, stop)
+
+    if _ball_method(data, radius) == "scan":
+        members = _ball_members_scan(data, radius, budget)
+    else:
+        # Queries in the order of their codes: the few scored together share most of their balls.
+        members = _ball_members_lookup(data, torch.sort(pack_signs(data.bq)).indices, radius, budget)
+    for queries, qi, xi, dist, score in members:
+        # (M,) members of the (c,) queries, qi indexing them.
+        c = queries.numel()
+        rel_u, n_rel_here = _relevance(data, queries)
         rel = rel_u[qi, data.inv[xi]]                           # (M,)
         order, qi = _rank_members(qi, score, xi, c)             # qi in rank order
         rel = rel[order]
@@ -400,55 +404,53 @@ def _ball_stats(data, radius, budget, every_radius=False):
         else:
             sizes = torch.bincount(qi, minlength=c)
             ap_c, n_rel_c = _ball_ap(qi, rel, sizes)
-        ap[start:stop], n_rel_ball[start:stop] = ap_c.view(c, W).cpu(), n_rel_c.view(c, W).cpu()
-        n_ball[start:stop], n_rel_db[start:stop] = sizes.view(c, W).cpu(), n_rel_here.cpu()
+        queries = queries.cpu()
+        ap[queries], n_rel_ball[queries] = ap_c.view(c, W).cpu(), n_rel_c.view(c, W).cpu()
+        n_ball[queries], n_rel_db[queries] = sizes.view(c, W).cpu(), n_rel_here.cpu()
     return {"n_ball": n_ball, "n_rel_ball": n_rel_ball, "n_rel_db": n_rel_db, "ap": ap}
 
 
 def _ball_method(data, radius):
-    """How the ball members are found and scored, whichever costs least:
+    """How the ball members are found, whichever costs least:
 
     * "scan": b_q . b_x with every item (exact integer products), and the members' scores read off the
       float64 products h_q . h_x with every item (BLAS);
-    * "lookup": the table of packed sign codes (hamming_index.CodeTable, K <= 64), scores off the
-      products;
-    * "lookup-gather": the table, each member's score from its gathered code: no Q x N work at all,
-      the fastest when balls hold a few per cent of the database or less.
+    * "lookup": the table of packed sign codes (hamming_index.CodeTable, K <= 64), the members' scores
+      from a dense product of a few queries with the union of their balls: no Q x N work at all.
 
     The lookup's cost (rows checked) and the balls' mean size are measured on a sample of queries.
     """
     if _FORCE_BALL_METHOD is not None:
         return _FORCE_BALL_METHOD
-    costs = {"scan": data.N * (1 + _SCAN_COST)}
+    scan = data.N * (1 + _SCAN_COST)
     table = _code_table(data) if data.K <= MAX_TABLE_BITS else None
-    if table is not None and table.probes(radius) * _PROBE_COST < costs["scan"]:
-        sample = torch.linspace(0, data.Q - 1, min(data.Q, _SAMPLE_QUERIES), device=data.device).long()
-        keys, step = pack_signs(data.bq[sample]), table.query_block(radius)
-        checked = members = 0
-        for start in range(0, keys.numel(), step):
-            hits = table.within(keys[start:start + step], radius)
-            checked += hits.candidates
-            members += int(table.sizes(hits.row).sum())
-        lookup = (table.probes(radius) + checked / sample.numel()) * _PROBE_COST
-        costs["lookup"] = lookup + data.N
-        costs["lookup-gather"] = lookup + members / sample.numel() * _GATHER_COST
-    return min(costs, key=costs.get)
+    if table is None or table.probes(radius) * _PROBE_COST >= scan:
+        return "scan"
+    sample = torch.linspace(0, data.Q - 1, min(data.Q, _SAMPLE_QUERIES), device=data.device).long()
+    keys, step = pack_signs(data.bq[sample]), table.query_block(radius)
+    checked = members = 0
+    for start in range(0, keys.numel(), step):
+        hits = table.within(keys[start:start + step], radius)
+        checked += hits.candidates
+        members += int(table.sizes(hits.row).sum())
+    lookup = (table.probes(radius) + checked / sample.numel()) * _PROBE_COST + members / sample.numel() * _MEMBER_COST
+    return "lookup" if lookup < scan else "scan"
 
 
 _FORCE_BALL_METHOD = None       # tests set one of _ball_method's answers to check every path
 _SAMPLE_QUERIES = 256           # queries probed to choose the method
 # Costs per query in units of one item's float64 product h_q . h_x, measured on the CPU (K = 48-64):
 # the sign product, mask and member extraction of a scanned item; a prefix read or a row checked in
-# the table; a member's score from its gathered code.
+# the table; a member found and scored by the lookup.
 _SCAN_COST = 1.2
 _PROBE_COST = 5
-_GATHER_COST = 17
+_MEMBER_COST = 8
 
 
 def _ball_members_scan(data, radius, budget):
     """Ball members by scanning: b_q . b_x for every item (exact integers), a chunk of
     queries at a time; the members' scores are read off the chunk's float64 products h_q . h_x.
-    Members come in (query, index) order."""
+    Yields (queries (c,), query (M,) indexing them, item, distance, score), members by query."""
     N, K, dev = data.N, data.K, data.device
     chunks = _query_chunks(data, N * _SCAN_BYTES_PER_PAIR, budget)   # the members go in smaller batches
     agree, scores = _product_buffer(data, chunks, data.bd.dtype), _product_buffer(data, chunks, torch.float64)
@@ -463,37 +465,49 @@ def _ball_members_scan(data, radius, budget):
         offsets = [0] + sizes.cumsum(0).tolist()
         for a, b in _chunks_by_cost(sizes * _BYTES_PER_MEMBER, _batch_budget(budget, dev)):
             lo, hi = offsets[a], offsets[b]
-            yield start + a, start + b, qi[lo:hi] - a, flat[lo:hi] - qi[lo:hi] * N, dist[lo:hi], score[lo:hi]
+            queries = torch.arange(start + a, start + b, device=dev)
+            yield queries, qi[lo:hi] - a, flat[lo:hi] - qi[lo:hi] * N, dist[lo:hi], score[lo:hi]
 
 
-def _ball_members_lookup(data, radius, budget, gather=False):
-    """Ball members by table lookup (hamming_index.CodeTable, K <= 64): each query reads the buckets
-    of the prefixes within ``radius`` of its code's and keeps the codes within ``radius``, O(#prefixes
-    + #codes checked + #members) instead of O(N * K). Members come by query. Scores are read off each
-    chunk's float64 products h_q . h_x, or with ``gather`` computed member by member.
+def _ball_members_lookup(data, queries, radius, budget):
+    """Ball members of the (c,) ``queries`` by table lookup (hamming_index.CodeTable, K <= 64): each
+    query reads the buckets of the prefixes within ``radius`` of its code's and keeps the codes within
+    ``radius``, O(#prefixes + #codes checked + #members) instead of O(N * K); a few queries at a time
+    are scored by one dense product (CodeTable.scored_items). Yields as _ball_members_scan does.
     """
-    dev, N = data.device, data.N
-    batch = _batch_budget(budget, dev)
     table = _code_table(data)
-    q_keys = pack_signs(data.bq)                                # (Q,)
-    per_query = table.probes(radius) * _BYTES_PER_PROBE + (0 if gather else N * _PRODUCT_BYTES_PER_PAIR)
-    chunks = _query_chunks(data, per_query, batch if gather else budget)
-    scores = None if gather else _product_buffer(data, chunks, torch.float64)
-    step = table.query_block(radius)
-    for start, stop in chunks:
-        if not gather:
-            torch.matmul(data.hq[start:stop], data.hd.T, out=scores[:stop - start])   # (c, N)
-        for first in range(start, stop, step):
-            last = min(stop, first + step)
-            query, row, dist, _ = table.within(q_keys[first:last], radius)   # (H,) codes found, by query
-            sizes = torch.zeros(last - first, dtype=torch.int64, device=dev).index_add_(0, query, table.sizes(row))
-            bounds = [0] + torch.bincount(query, minlength=last - first).cumsum(0).tolist()
-            for a, b in _chunks_by_cost(sizes.cpu() * _BYTES_PER_MEMBER, batch):
-                lo, hi = bounds[a], bounds[b]
-                qi, xi, d = table.items(query[lo:hi] - a, row[lo:hi], dist[lo:hi])   # (M,) by query
-                score = (_pair_scores(data.hq[first + a:first + b], data.hd, qi, xi, batch) if gather
-                         else scores[first - start + a:first - start + b].view(-1)[qi * N + xi])
-                yield first + a, first + b, qi, xi, d, score
+    batch = _batch_budget(budget, data.device)
+    codes_by_key = _codes_by_key(data)
+    step = min(table.query_block(radius), _DENSE_QUERIES)
+    pending, cost = [], 0
+    for first in range(0, queries.numel(), step):
+        block = queries[first:first + step]
+        hits = table.within(pack_signs(data.bq[block]), radius)   # (H,) codes found, by query
+        pending.append((block, table.scored_items(hits, data.hq[block], codes_by_key)))
+        cost += pending[-1][1][0].numel() * _BYTES_PER_MEMBER
+        if cost >= batch or first + step >= queries.numel():   # rank several blocks' members at once
+            yield _merge_blocks(pending)
+            pending, cost = [], 0
+
+
+_DENSE_QUERIES = 32             # queries scored by one dense product (1.2-5 entries a member)
+
+
+def _merge_blocks(blocks):
+    """One batch (queries, query, item, distance, score) from blocks of queries and their members."""
+    queries, columns, seen = [], [], 0
+    for block, (qi, xi, dist, score) in blocks:
+        queries.append(block)
+        columns.append((qi + seen, xi, dist, score))
+        seen += block.numel()
+    return (torch.cat(queries), *(torch.cat(column) for column in zip(*columns)))
+
+
+def _codes_by_key(data):
+    """The database's continuous codes (N, K) float64 in the code table's key order, kept on ``data``."""
+    if getattr(data, "codes_by_key", None) is None:
+        data.codes_by_key = data.hd.index_select(0, _code_table(data).order.to(torch.int64))
+    return data.codes_by_key
 
 
 def _code_table(data):
@@ -596,7 +610,7 @@ def _sign_scan(data, top_r, budget, want_pn):
     rel, cells = _product_buffer(data, chunks, torch.int32), _product_buffer(data, chunks, torch.int32)
     for start, stop in chunks:
         c = stop - start
-        rel_u, n_rel_here = _relevance(data, start, stop)
+        rel_u, n_rel_here = _relevance(data, slice(start, stop))
         n_rel_db[start:stop] = n_rel_here.cpu()
         agree = torch.matmul(data.bd, data.bq[start:stop].T, out=products[:c].view(N, c))   # (N, c)
         rel_c = torch.index_select(rel_u.to(torch.int32).T.contiguous(), 0, data.inv, out=rel[:c].view(N, c))
@@ -638,14 +652,15 @@ def _topk_stats(data, top_r, use_sign, budget, want_pn):
     ap = torch.zeros(Q, dtype=torch.float64)
     n_rel = torch.zeros(Q, dtype=torch.int64)
     found = torch.zeros(top_r, dtype=torch.int64, device=data.device)   # relevant items at each rank, all queries
-    chunks = _query_chunks(data, N * _TOPK_BYTES_PER_PAIR + top_r * _TOPK_BYTES_PER_HIT, budget)
-    buffer = _product_buffer(data, chunks, torch.float64)
     numpy_select = data.device.type == "cpu" and _NUMPY_SELECT_ON_CPU
+    per_pair = _PRODUCT_BYTES_PER_PAIR if numpy_select else _TOPK_BYTES_PER_PAIR   # numpy works a row at a time
+    chunks = _query_chunks(data, N * per_pair + top_r * _TOPK_BYTES_PER_HIT, budget)
+    buffer = _product_buffer(data, chunks, torch.float64)
     columns = _locality_order(data) if numpy_select else None
     hd, inv = (data.hd, data.inv) if columns is None else (data.hd[columns], data.inv[columns])
     for start, stop in chunks:
         scores = torch.matmul(data.hq[start:stop], hd.T, out=buffer[:stop - start])   # (c, N)
-        rel_u, _ = _relevance(data, start, stop)
+        rel_u, _ = _relevance(data, slice(start, stop))
         if numpy_select:
             rel = _top_relevance_numpy(scores, top_r, rel_u, inv, columns)   # (c, R)
         else:

@@ -129,7 +129,7 @@ def close(a, b):
 
 @contextlib.contextmanager
 def ball_method(method):
-    """Force the Hamming-ball member search ('lookup' or 'matmul'; None: automatic choice)."""
+    """Force the Hamming-ball member search ('lookup' or 'scan'; None: automatic choice)."""
     saved, metrics._FORCE_BALL_METHOD = metrics._FORCE_BALL_METHOD, method
     try:
         yield
@@ -159,7 +159,7 @@ def test_map_at_radius_matches_reference(problem, data):
     hd, ld, hq, lq = problem
     radius = data.draw(st.integers(0, hd.shape[1] + 1))
     memory = data.draw(st.sampled_from([None, 64]))       # 64 bytes: a query (and pair block) at a time
-    method = data.draw(st.sampled_from(["lookup", "lookup-gather", "scan"]))
+    method = data.draw(st.sampled_from(["lookup", "scan"]))
     for convention in ("deephash", "mmhh"):
         with ball_method(method):
             got = metrics.map_at_radius(hd, ld, hq, lq, radius, convention, device="cpu", memory_bytes=memory)
@@ -278,7 +278,7 @@ def test_larger_random_case_with_many_chunks():
     hq = np.round(np.tanh(centers[cls_q] + 0.8 * rng.standard_normal((12, 12))) * 8) / 8
     ld, lq = np.eye(6)[cls_d], np.eye(6)[cls_q]
     for memory in (None, 3000):
-        for radius, method in itertools.product((0, 2, 5), ("lookup", "lookup-gather", "scan")):
+        for radius, method in itertools.product((0, 2, 5), ("lookup", "scan")):
             with ball_method(method):
                 got = metrics.map_at_radius(hd, ld, hq, lq, radius, "mmhh", device="cpu", memory_bytes=memory)
             assert close(got["map"], ref_map_at_radius(hd, ld, hq, lq, radius, "mmhh")["map"])
@@ -327,7 +327,7 @@ def test_clustered_problem_has_large_balls_and_ties(clustered):
     assert counts.max() >= 10                                               # one query's score ties
 
 
-@pytest.mark.parametrize("method", ["lookup", "lookup-gather", "scan"])
+@pytest.mark.parametrize("method", ["lookup", "scan"])
 @pytest.mark.parametrize("members", [None, 300])
 def test_clustered_codes_every_ball_path(clustered, method, members):
     # members None: every query in one batch; 300: one to three queries per batch.
@@ -337,6 +337,23 @@ def test_clustered_codes_every_ball_path(clustered, method, members):
             got = metrics.map_at_radius(hd, ld, hq, lq, radius, convention, device="cpu")
             for key, value in expected.items():
                 assert close(got[key], value), (radius, convention, key, got[key], value)
+
+
+@pytest.mark.parametrize("dense, members", [(1, None), (3, 300), (32, None)])
+def test_lookup_in_blocks_of_queries(dense, members, monkeypatch):
+    # 70 queries in code order, scored `dense` at a time, blocks merged into batches of about `members`:
+    # the figures of each query land in its own row whatever the blocks and batches.
+    problem = clustered_problem(17, n_db=400, n_q=70)
+    monkeypatch.setattr(metrics, "_DENSE_QUERIES", dense)
+    with ball_method("lookup"), member_batch(members):
+        got = metrics.evaluate_retrieval(*problem, radius=2, topk=50, map_curve_radius=3, device="cpu")
+        for convention in metrics.RADIUS_CONVENTIONS:
+            want = ref_map_at_radius(*problem, 2, convention)
+            assert close(metrics.map_at_radius(*problem, 2, convention, device="cpu")["map"], want["map"])
+    for radius in range(4):
+        want = ref_map_at_radius(*problem, radius, "deephash")
+        assert close(got["curves"]["map"][radius], want["map"]), radius
+        assert close(got["curves"]["precision"][radius], want["precision"]), radius
 
 
 def test_float32_and_bfloat16_sign_products_agree(clustered):
@@ -419,7 +436,7 @@ def test_signed_zero_scores_tie():
     assert metrics.map_at_topk(hd, [[0], [1]], hq, [[1]], 2, device="cpu") == 0.5
     # In the ball: -0.0 codes have sign +1, so both items are at distance 0 and score -0.0, +0.0.
     hd = np.array([[-0.0, -0.0], [0.0, 0.0]])
-    for method in ("lookup", "lookup-gather", "scan"):
+    for method in ("lookup", "scan"):
         with ball_method(method):
             assert metrics.map_at_radius(hd, [[0], [1]], hq, [[1]], 0, device="cpu")["map"] == 0.5
 
@@ -480,7 +497,7 @@ DEVICES = ("cpu", "cuda")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("method", [None, "lookup", "lookup-gather", "scan"])
+@pytest.mark.parametrize("method", [None, "lookup", "scan"])
 def test_cuda_matches_cpu(method):
     # Dyadic codes: every product is exact, so both devices must give the very same figures.
     rng = np.random.default_rng(2)
@@ -608,7 +625,7 @@ def test_lookup_handles_64_bit_codes():
     ld, lq = np.repeat(np.eye(3), 3, axis=0), np.eye(3)
     for radius in (0, 1, 2):
         want = ref_map_at_radius(hd, ld, hq, lq, radius, "deephash")
-        for method in ("lookup", "lookup-gather", "scan"):
+        for method in ("lookup", "scan"):
             with ball_method(method):
                 got = metrics.map_at_radius(hd, ld, hq, lq, radius, device="cpu")
             assert got["precision"] == want["precision"] == 1.0
