@@ -36,9 +36,13 @@ MAX_TABLE_BITS = 64
 _PROBE_BLOCK = 16384
 # Codes packed or scanned at a time (the scan: K > 64, and the nearest codes of an empty ball).
 _SCAN_ROWS = 65536
-# Queries answered at a time, and at most this many ball members ranked at a time (about 100 MiB).
-_ANSWER_QUERIES = 256
+# Queries answered at a time (neighbours in code order: they share most of their balls, see
+# CodeTable.scored_items), and at most this many ball members ranked at a time (about 100 MiB).
+_ANSWER_QUERIES = 32
 _ANSWER_MEMBERS = 2**21
+# Dense products a ball member may cost before scoring member by member is cheaper (measured on the
+# CPU, K = 48-64: a dense entry is a BLAS multiply-add, a member's gathered score several times that).
+_DENSE_ENTRIES_PER_MEMBER = 8
 # Working memory of one block of pair_scores.
 _BLOCK_BYTES = 32 * 2**20
 
@@ -157,25 +161,28 @@ class CodeTable:
         item = self.order.index_select(0, position).to(torch.int64)
         return query.index_select(0, run), item, dist.index_select(0, run)
 
-    def scored_items(self, hits, hq, codes_by_key):
+    def scored_items(self, hits, hq, codes):
         """``items`` of ``hits`` with each member's score h_q . h_x: (query, item, distance, score), (M,)
-        each, by query. ``hq`` (c, K) float64 are the hits' queries, ``codes_by_key`` (N, K) float64 the
-        database codes in key order (``codes[order]``).
+        each, by query. ``hq`` (c, K) are the hits' queries, ``codes`` (N, K) the database's continuous
+        codes; the scores are in ``hq``'s dtype.
 
-        The scores come from one dense product of the queries with the union of the rows they hit:
-        queries with close codes (neighbours in key order) share most of their balls, so the product
-        holds 1.2-5 entries a member at 32 queries a call, each a BLAS multiply-add, where scoring
-        member by member gathers two codes each (several times slower).
+        Queries with close codes (neighbours in key order) share most of their balls: then one dense
+        product of the queries with the union of the rows they hit scores every member, 1.2-5 entries a
+        member at 32 queries (the demo's and clustered codes), each a BLAS multiply-add. When the
+        union is too large for that (queries far apart), each member is scored from its gathered
+        codes, several times slower a member.
         """
         wanted, which = torch.unique(hits.row, return_inverse=True)           # (R,) rows hit, ascending
         first, size = self._spans(wanted)
-        positions = ranges(first, size)                                        # (U,) in key order
-        dense = hq @ codes_by_key.index_select(0, positions).T                # (c, U)
+        union = self.order.index_select(0, ranges(first, size)).to(torch.int64)   # (U,) their items
         row_column = size.cumsum(0) - size                                     # (R,) its first column
         column, run = ranges_and_runs(row_column.index_select(0, which), size.index_select(0, which))
-        query = hits.query.index_select(0, run)
-        item = self.order.index_select(0, positions.index_select(0, column)).to(torch.int64)
-        score = dense.view(-1).index_select(0, query * positions.numel() + column)
+        query, item = hits.query.index_select(0, run), union.index_select(0, column)
+        if hq.shape[0] * union.numel() <= _DENSE_ENTRIES_PER_MEMBER * column.numel():
+            dense = hq @ codes.index_select(0, union).to(hq.dtype).T          # (c, U)
+            score = dense.view(-1).index_select(0, query * union.numel() + column)
+        else:
+            score = pair_scores(hq, codes, query, item).to(hq.dtype)
         return query, item, hits.distance.index_select(0, run), score
 
     def _spans(self, row):
@@ -323,9 +330,11 @@ class HammingIndex:
         if hq.dim() != 2 or hq.shape[1] != self.bits:
             raise ValueError(f"query codes of shape {tuple(hq.shape)} for an index of {self.bits}-bit codes")
         relevance = self._relevance(query_labels)
-        answers = []
-        for start in range(0, len(hq), _ANSWER_QUERIES):
-            answers += self._answer(hq[start:start + _ANSWER_QUERIES], radius, topk, relevance, start)
+        in_order = torch.sort(pack_signs(hq)).indices if self.table is not None else torch.arange(len(hq))
+        answers = [None] * len(hq)
+        for queries in in_order.split(_ANSWER_QUERIES):
+            for query, answer in zip(queries.tolist(), self._answer(hq, queries, radius, topk, relevance)):
+                answers[query] = answer
         if fallback_topk > 0:
             for i, answer in enumerate(answers):
                 if answer.ball_size == 0:
@@ -387,22 +396,29 @@ class HammingIndex:
             raise ValueError(f"query labels have {lq.shape[1]} columns, the index's {self.labels.shape[1]}")
         return lambda qi, xi: (lq[qi] * self.labels[xi].to(torch.float32)).sum(1) > 0
 
-    def _answer(self, hq, radius, topk, relevance, first):
-        """Answers of a block of queries; halved until its members fit the working memory."""
-        qi, xi, dist = self.ball(hq, radius)
-        if qi.numel() > _ANSWER_MEMBERS and len(hq) > 1:
-            half = len(hq) // 2
-            return (self._answer(hq[:half], radius, topk, relevance, first)
-                    + self._answer(hq[half:], radius, topk, relevance, first + half))
-        score = pair_scores(hq, self.codes, qi, xi)
-        order, group = rank_members(qi, score, xi, len(hq))
-        sizes = torch.bincount(qi, minlength=len(hq))           # (c,) ball sizes
+    def _answer(self, hq, queries, radius, topk, relevance):
+        """Answers of the (c,) ``queries`` of ``hq``; halved until their members fit the working memory."""
+        qi, xi, dist, score = self._scored_ball(hq[queries], radius)
+        if qi.numel() > _ANSWER_MEMBERS and len(queries) > 1:
+            half = len(queries) // 2
+            return (self._answer(hq, queries[:half], radius, topk, relevance)
+                    + self._answer(hq, queries[half:], radius, topk, relevance))
+        order, group = rank_members(qi, score, xi, len(queries))
+        sizes = torch.bincount(qi, minlength=len(queries))      # (c,) ball sizes
         rank = torch.arange(order.numel()) - (sizes.cumsum(0) - sizes)[group]
         kept = order[rank < topk]                               # each query's first topk, best first
         shown = torch.clamp(sizes, max=topk).tolist()
         columns = [column[kept].split(shown) for column in (xi, dist, score)]
-        relevant = (relevance(qi[kept] + first, xi[kept]).split(shown) if relevance else [None] * len(hq))
+        relevant = (relevance(queries[qi[kept]], xi[kept]).split(shown) if relevance else [None] * len(queries))
         return [Answer(*parts, ball_size) for *parts, ball_size in zip(*columns, relevant, sizes.tolist())]
+
+    def _scored_ball(self, query_codes, radius):
+        """``ball`` with each member's float64 score h_q . h_x: (query, item, distance, score), by query."""
+        if self.table is None:
+            qi, xi, dist = self.ball(query_codes, radius)
+            return qi, xi, dist, pair_scores(query_codes, self.codes, qi, xi)
+        hits = self.table.within(pack_signs(query_codes), radius)
+        return self.table.scored_items(hits, query_codes.to(torch.float64), self.codes)
 
     def _nearest(self, hq, count, relevance, query):
         """The ``count`` items nearest to one query's sign code, by (distance, -score, index)."""

@@ -477,13 +477,12 @@ def _ball_members_lookup(data, queries, radius, budget):
     """
     table = _code_table(data)
     batch = _batch_budget(budget, data.device)
-    codes_by_key = _codes_by_key(data)
     step = min(table.query_block(radius), _DENSE_QUERIES)
     pending, cost = [], 0
     for first in range(0, queries.numel(), step):
         block = queries[first:first + step]
         hits = table.within(pack_signs(data.bq[block]), radius)   # (H,) codes found, by query
-        pending.append((block, table.scored_items(hits, data.hq[block], codes_by_key)))
+        pending.append((block, table.scored_items(hits, data.hq[block], data.hd)))
         cost += pending[-1][1][0].numel() * _BYTES_PER_MEMBER
         if cost >= batch or first + step >= queries.numel():   # rank several blocks' members at once
             yield _merge_blocks(pending)
@@ -501,13 +500,6 @@ def _merge_blocks(blocks):
         columns.append((qi + seen, xi, dist, score))
         seen += block.numel()
     return (torch.cat(queries), *(torch.cat(column) for column in zip(*columns)))
-
-
-def _codes_by_key(data):
-    """The database's continuous codes (N, K) float64 in the code table's key order, kept on ``data``."""
-    if getattr(data, "codes_by_key", None) is None:
-        data.codes_by_key = data.hd.index_select(0, _code_table(data).order.to(torch.int64))
-    return data.codes_by_key
 
 
 def _code_table(data):

@@ -154,6 +154,23 @@ def test_answers_are_ranked_as_the_metric_ranks_a_ball(problem, topk):
         assert answer.ball_size == int((dist[q] <= radius).sum()) and answer.relevant is None
 
 
+@pytest.mark.parametrize("bits", [48, 70])                  # 70: no table, balls by scanning
+@pytest.mark.parametrize("block, members", [(5, 2**21), (32, 40)])
+def test_answers_in_blocks_land_with_their_query(bits, block, members, monkeypatch):
+    # Queries are answered a block at a time in code order, a block halved while its balls are too
+    # large: every answer must still be its own query's.
+    monkeypatch.setattr(hamming_index, "_ANSWER_QUERIES", block)
+    monkeypatch.setattr(hamming_index, "_ANSWER_MEMBERS", members)
+    hd, ld, hq, lq, _ = clustered_codes(600, 80, bits, 6, False, 0.05, seed=9)
+    hd, hq = np.round(hd * 64) / 64, np.round(hq * 64) / 64     # dyadic: exact scores, real ties
+    dist = ref_distances(hd, hq)
+    answers = HammingIndex(hd, labels=ld).search(hq, 2, 7, query_labels=lq)
+    for q, answer in enumerate(answers):
+        indices, scores = ref_answer(hd, hq[q], dist[q], 2, 7)
+        assert answer.index.tolist() == indices and answer.score.tolist() == scores, q
+        assert answer.relevant.tolist() == [bool(ld[i] @ lq[q]) for i in indices], q
+
+
 def test_whole_balls_give_the_metric_map():
     # AP of each answered ball, in the deephash convention, averages to metrics.map_at_radius exactly.
     hd, ld, hq, lq, _ = clustered_codes(3000, 60, 48, 10, False, 0.05, seed=4)
