@@ -76,7 +76,8 @@ def popcount(x):
     """Set bits of each int64, as int64: numpy's popcount instruction on the CPU (numpy >= 2.0), else
     SWAR arithmetic (bit pairs, nibbles, bytes, then their sum; int64 wraps around), 5x slower."""
     if x.device.type == "cpu" and _NUMPY_POPCOUNT:
-        return torch.from_numpy(np.bitwise_count(x.numpy().view(np.uint64)).astype(np.int64))   # signed: |x|
+        # As unsigned: numpy counts the bits of |x| for a signed integer.
+        return torch.from_numpy(np.bitwise_count(x.numpy().view(np.uint64)).astype(np.int64))
     x = x - ((x >> 1) & 0x5555555555555555)
     x = (x & 0x3333333333333333) + ((x >> 2) & 0x3333333333333333)
     x = (x + (x >> 4)) & 0x0F0F0F0F0F0F0F0F

@@ -37,7 +37,6 @@ DEFAULT_MEMORY_BYTES = 512 * 2**20
 _SCAN_BYTES_PER_PAIR = 45       # (c, N): sign and float64 products, ball mask, members if all are in
 _PRODUCT_BYTES_PER_PAIR = 8     # (c, N): float64 products
 _BYTES_PER_MEMBER = 128         # per ball member: indices, distance, score, sort keys and permutations, table
-_BYTES_PER_PROBE = 48           # (c, P): prefixes read, directory entries, hit flags and counts
 _SIGN_BYTES_PER_PAIR = 16       # (N, c): sign products, int32 relevance and histogram cells, mask
 _TOPK_BYTES_PER_PAIR = 24       # (c, N): float64 scores, the selection mask, topk scratch
 _TOPK_BYTES_PER_HIT = 72        # (c, R): indices, gathered scores, ranks, relevance, cumsums
@@ -433,7 +432,8 @@ def _ball_method(data, radius):
         hits = table.within(keys[start:start + step], radius)
         checked += hits.candidates
         members += int(table.sizes(hits.row).sum())
-    lookup = (table.probes(radius) + checked / sample.numel()) * _PROBE_COST + members / sample.numel() * _MEMBER_COST
+    lookup = ((table.probes(radius) + checked / sample.numel()) * _PROBE_COST
+              + members / sample.numel() * _MEMBER_COST)
     return "lookup" if lookup < scan else "scan"
 
 

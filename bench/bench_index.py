@@ -20,9 +20,10 @@ Measured in one process on the same codes, on one thread (the scan, numpy, runs 
   10) against the same ranking of the scan's members.
 
 Both give the same members and answers (checked; the index scores a ball by one BLAS product for 32
-queries, the scan member by member, so a score may differ in the last place). The queries go in blocks of 100 that alternate
-between index and scan, so that a change in the machine's load reaches both; each figure is the best
-of ``--repeat`` passes. The load average at the start and end says how busy the machine was.
+queries, the scan member by member, so a score may differ in the last place). The queries go in
+blocks of 100 that alternate between index and scan, so that a change in the machine's load reaches
+both; each figure is the best of ``--repeat`` passes. The load average at the start and end says how
+busy the machine was.
 
     python bench/bench_index.py                  # every case, ~2 minutes on 2 cores
     python bench/bench_index.py --cases c1000
