@@ -213,6 +213,11 @@ def ranges(first, length):
 
 def ranges_and_runs(first, length):
     """``ranges(first, length)`` and, for each of its entries, the range it comes from."""
+    if first.device.type == "cpu":                              # numpy's repeat: 3-4x faster here
+        first, length = first.numpy(), length.numpy()
+        run = np.repeat(np.arange(length.size), length)
+        entries = np.repeat(first - (np.cumsum(length) - length), length) + np.arange(run.size)
+        return torch.from_numpy(entries), torch.from_numpy(run)
     run = torch.repeat_interleave(torch.arange(length.numel(), device=length.device), length)
     start_in_output = length.cumsum(0) - length
     return (first - start_in_output).index_select(0, run) + torch.arange(run.numel(), device=run.device), run
