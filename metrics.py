@@ -473,7 +473,8 @@ def _ball_members_lookup(data, queries, radius, budget):
     """Ball members of the (c,) ``queries`` by table lookup (hamming_index.CodeTable, K <= 64): each
     query reads the buckets of the prefixes within ``radius`` of its code's and keeps the codes within
     ``radius``, O(#prefixes + #codes checked + #members) instead of O(N * K); a few queries at a time
-    are scored by one dense product (CodeTable.scored_items). Yields as _ball_members_scan does.
+    are scored by one dense product (CodeTable.scored_items). Yields as _ball_members_scan does,
+    batches of about the working memory: several blocks of queries, or part of one with large balls.
     """
     table = _code_table(data)
     batch = _batch_budget(budget, data.device)
@@ -482,11 +483,19 @@ def _ball_members_lookup(data, queries, radius, budget):
     for first in range(0, queries.numel(), step):
         block = queries[first:first + step]
         hits = table.within(pack_signs(data.bq[block]), radius)   # (H,) codes found, by query
-        pending.append((block, table.scored_items(hits, data.hq[block], data.hd)))
-        cost += pending[-1][1][0].numel() * _BYTES_PER_MEMBER
-        if cost >= batch or first + step >= queries.numel():   # rank several blocks' members at once
-            yield _merge_blocks(pending)
-            pending, cost = [], 0
+        members = torch.zeros(block.numel(), dtype=torch.int64, device=data.device)
+        members.index_add_(0, hits.query, table.sizes(hits.row))   # (c,) ball sizes
+        bounds = [0] + torch.bincount(hits.query, minlength=block.numel()).cumsum(0).tolist()
+        for a, b in _chunks_by_cost(members.cpu() * _BYTES_PER_MEMBER, batch):
+            part = hits._replace(query=hits.query[bounds[a]:bounds[b]] - a, row=hits.row[bounds[a]:bounds[b]],
+                                 distance=hits.distance[bounds[a]:bounds[b]])
+            pending.append((block[a:b], table.scored_items(part, data.hq[block[a:b]], data.hd)))
+            cost += pending[-1][1][0].numel() * _BYTES_PER_MEMBER
+            if cost >= batch:                                   # rank several blocks' members at once
+                yield _merge_blocks(pending)
+                pending, cost = [], 0
+    if pending:
+        yield _merge_blocks(pending)
 
 
 _DENSE_QUERIES = 32             # queries scored by one dense product (1.2-5 entries a member)

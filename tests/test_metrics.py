@@ -339,10 +339,10 @@ def test_clustered_codes_every_ball_path(clustered, method, members):
                 assert close(got[key], value), (radius, convention, key, got[key], value)
 
 
-@pytest.mark.parametrize("dense, members", [(1, None), (3, 300), (32, None)])
+@pytest.mark.parametrize("dense, members", [(1, None), (3, 300), (32, None), (32, 300)])
 def test_lookup_in_blocks_of_queries(dense, members, monkeypatch):
-    # 70 queries in code order, scored `dense` at a time, blocks merged into batches of about `members`:
-    # the figures of each query land in its own row whatever the blocks and batches.
+    # 70 queries in code order, scored `dense` at a time, in batches of about `members` (blocks merged,
+    # or a block of large balls split): the figures of each query land in its own row.
     problem = clustered_problem(17, n_db=400, n_q=70)
     monkeypatch.setattr(metrics, "_DENSE_QUERIES", dense)
     with ball_method("lookup"), member_batch(members):
