@@ -75,7 +75,7 @@ def pack_signs(codes):
 def popcount(x):
     """Set bits of each int64, as int64: numpy's popcount instruction on the CPU (numpy >= 2.0), else
     SWAR arithmetic (bit pairs, nibbles, bytes, then their sum; int64 wraps around), 5x slower."""
-    if x.device.type == "cpu" and _NUMPY_POPCOUNT:
+    if x.device.type == "cpu" and _NUMPY_ON_CPU and hasattr(np, "bitwise_count"):
         # As unsigned: numpy counts the bits of |x| for a signed integer.
         return torch.from_numpy(np.bitwise_count(x.numpy().view(np.uint64)).astype(np.int64))
     x = x - ((x >> 1) & 0x5555555555555555)
@@ -84,7 +84,8 @@ def popcount(x):
     return ((x * 0x0101010101010101) >> 56) & 0xFF
 
 
-_NUMPY_POPCOUNT = hasattr(np, "bitwise_count")     # tests turn it off to check the arithmetic
+# numpy's popcount and repeat on the CPU; tests turn them off to run the torch code (the GPU's) on the CPU.
+_NUMPY_ON_CPU = True
 
 
 Hits = collections.namedtuple("Hits", "query row distance candidates")
@@ -213,7 +214,7 @@ def ranges(first, length):
 
 def ranges_and_runs(first, length):
     """``ranges(first, length)`` and, for each of its entries, the range it comes from."""
-    if first.device.type == "cpu":                              # numpy's repeat: 3-4x faster here
+    if first.device.type == "cpu" and _NUMPY_ON_CPU:           # numpy's repeat: 3-4x faster here
         first, length = first.numpy(), length.numpy()
         run = np.repeat(np.arange(length.size), length)
         entries = np.repeat(first - (np.cumsum(length) - length), length) + np.arange(run.size)

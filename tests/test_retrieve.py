@@ -86,12 +86,28 @@ def code_sets(draw):
 def test_popcount_counts_every_bit(numpy_popcount, monkeypatch):
     if numpy_popcount and not hasattr(np, "bitwise_count"):
         pytest.skip("numpy < 2.0 has no bitwise_count")
-    monkeypatch.setattr(hamming_index, "_NUMPY_POPCOUNT", numpy_popcount)
+    monkeypatch.setattr(hamming_index, "_NUMPY_ON_CPU", numpy_popcount)
     rng = np.random.default_rng(0)
     values = [0, 1, -1, -2**63, 2**63 - 1, 0x5555555555555555, -0x5555555555555556]
     values += rng.integers(-2**63, 2**63 - 1, 500, dtype=np.int64).tolist()
     got = hamming_index.popcount(torch.tensor(values, dtype=torch.int64)).tolist()
     assert got == [bin(v & (2**64 - 1)).count("1") for v in values]
+
+
+def test_numpy_and_torch_table_code_agree(monkeypatch):
+    # The CPU's numpy popcount and repeat against the torch code the GPU runs: same balls, answers, MAP.
+    hd, ld, hq, lq, _ = clustered_codes(2000, 70, 64, 8, True, 0.05, seed=5)
+    hd, hq = np.round(hd * 64) / 64, np.round(hq * 64) / 64     # dyadic: exact scores, real ties
+    monkeypatch.setattr(metrics, "_FORCE_BALL_METHOD", "lookup")
+    results = []
+    for numpy_on_cpu in (True, False):
+        monkeypatch.setattr(hamming_index, "_NUMPY_ON_CPU", numpy_on_cpu)
+        index = HammingIndex(hd, labels=ld)
+        answers = index.search(hq, 2, 9, query_labels=lq)
+        results.append((index_ball(index, hq, 2), [(a.index.tolist(), a.score.tolist(), a.relevant.tolist())
+                                                   for a in answers],
+                        metrics.evaluate_retrieval(hd, ld, hq, lq, 2, 100, device="cpu")))
+    assert results[0] == results[1]
 
 
 @FAST
