@@ -774,15 +774,15 @@ def _top_relevance_numpy(scores, top_r, rel_u, inv, columns=None):
             row = array[i]
             candidates = _top_candidates(row, top_r)
             relevance[i] = _ranked_relevance(row[candidates], item_rel[i][inv[candidates]], top_r,
-                                             candidates if index is None else index[candidates])
+                                             lambda: candidates if index is None else index[candidates])
 
     _in_threads(rank_rows, array.shape[0])
     return torch.from_numpy(relevance)
 
 
 def _ranked_relevance(values, rel, top_r, index):
-    """Relevance of the R best of float64 ``values`` in rank order (-value, index); ``rel`` and
-    ``index`` hold each value's relevance and database index.
+    """Relevance of the R best of float64 ``values`` in rank order (-value, index); ``rel`` holds
+    each value's relevance, and ``index()`` returns their database indices (asked only for ties).
 
     One sort of int64 keys -- the float's decreasing order as an integer, its last bit replaced by
     the relevance: an integer sort, faster than numpy's argsort of floats, and the sorted keys hold
@@ -799,7 +799,7 @@ def _ranked_relevance(values, rel, top_r, index):
     best = keys[:top_r + 1] >> 1
     if np.all(best[1:] != best[:-1]):
         return (keys[:top_r] & 1).astype(bool)
-    return rel[np.lexsort((index, -values))[:top_r]]
+    return rel[np.lexsort((index(), -values))[:top_r]]
 
 
 def _top_candidates(row, top_r):
@@ -824,7 +824,7 @@ def _top_candidates(row, top_r):
     return np.flatnonzero(row >= np.partition(row, n - top_r)[n - top_r])
 
 
-_SAMPLE_STEP = 8
+_SAMPLE_STEP = 16
 
 
 def _in_threads(work, rows):

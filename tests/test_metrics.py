@@ -659,11 +659,12 @@ def test_topk_near_ties_around_the_cut(bits, spacing):
 
 
 def test_top_candidates_when_the_sample_misjudges():
-    # Every 8th item (the strided sample) scores high, the others low: fewer than R items reach
-    # the sample's quantile, so the R-th score is selected exactly.
-    row = np.zeros(800)
-    row[::8] = 10.0 + np.arange(100)
-    row[1::8] = 5.0
+    # The items of the strided sample score high, the others low: fewer than R items reach the
+    # sample's quantile, so the R-th score is selected exactly.
+    step = metrics._SAMPLE_STEP
+    row = np.zeros(100 * step)
+    row[::step] = 10.0 + np.arange(100)
+    row[1::step] = 5.0
     for top_r in (200, 150, 101):
         candidates = metrics._top_candidates(row, top_r)
         cut = np.sort(row)[-top_r]
@@ -684,7 +685,7 @@ def test_ranked_relevance_is_exact(data):
     index = np.array(data.draw(st.permutations(range(n))))
     top_r = data.draw(st.integers(1, n))
     want = [rel[i] for i in sorted(range(n), key=lambda i: (-values[i], index[i]))[:top_r]]
-    assert metrics._ranked_relevance(values.copy(), rel, top_r, index).tolist() == want
+    assert metrics._ranked_relevance(values.copy(), rel, top_r, lambda: index).tolist() == want
 
 
 def test_label_rows_of_many_words_are_numbered_exactly():
