@@ -151,15 +151,13 @@ class CodeTable:
 
     def sizes(self, row):
         """(H,) items behind each row."""
-        if self.offsets is None:
-            return torch.ones_like(row)
-        return (self.offsets.index_select(0, row + 1) - self.offsets.index_select(0, row)).to(torch.int64)
+        return self._spans(row)[1]
 
     def items(self, query, row, dist):
         """The database items of the rows ``within`` found: (query, item, distance), (M,) each, by query."""
         if self.offsets is None:
             return query, self.order.index_select(0, row).to(torch.int64), dist
-        position, run = ranges_and_runs(self.offsets.index_select(0, row).to(torch.int64), self.sizes(row))
+        position, run = ranges_and_runs(*self._spans(row))
         item = self.order.index_select(0, position).to(torch.int64)
         return query.index_select(0, run), item, dist.index_select(0, run)
 

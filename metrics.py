@@ -384,12 +384,8 @@ def _ball_stats(data, radius, budget, every_radius=False):
     ap = torch.zeros(Q, W, dtype=torch.float64)
     n_rel_db = torch.zeros(Q, dtype=torch.int64)
 
-    if _ball_method(data, radius) == "scan":
-        members = _ball_members_scan(data, radius, budget)
-    else:
-        # Queries in the order of their codes: the few scored together share most of their balls.
-        members = _ball_members_lookup(data, torch.sort(pack_signs(data.bq)).indices, radius, budget)
-    for queries, qi, xi, dist, score in members:
+    members = (_ball_members_scan if _ball_method(data, radius) == "scan" else _ball_members_lookup)
+    for queries, qi, xi, dist, score in members(data, radius, budget):
         # (M,) members of the (c,) queries, qi indexing them.
         c = queries.numel()
         rel_u, n_rel_here = _relevance(data, queries)
@@ -469,20 +465,22 @@ def _ball_members_scan(data, radius, budget):
             yield queries, qi[lo:hi] - a, flat[lo:hi] - qi[lo:hi] * N, dist[lo:hi], score[lo:hi]
 
 
-def _ball_members_lookup(data, queries, radius, budget):
-    """Ball members of the (c,) ``queries`` by table lookup (hamming_index.CodeTable, K <= 64): each
-    query reads the buckets of the prefixes within ``radius`` of its code's and keeps the codes within
-    ``radius``, O(#prefixes + #codes checked + #members) instead of O(N * K); a few queries at a time
-    are scored by one dense product (CodeTable.scored_items). Yields as _ball_members_scan does,
-    batches of about the working memory: several blocks of queries, or part of one with large balls.
+def _ball_members_lookup(data, radius, budget):
+    """Ball members by table lookup (hamming_index.CodeTable, K <= 64): each query reads the buckets
+    of the prefixes within ``radius`` of its code's and keeps the codes within ``radius``,
+    O(#prefixes + #codes checked + #members) instead of O(N * K). The queries go in the order of their
+    codes, a few at a time scored by one dense product (CodeTable.scored_items): neighbours in that
+    order share most of their balls. Yields as _ball_members_scan does, batches of about the working
+    memory: several blocks of queries, or part of one with large balls.
     """
     table = _code_table(data)
     batch = _batch_budget(budget, data.device)
     step = min(table.query_block(radius), _DENSE_QUERIES)
+    keys, queries = torch.sort(pack_signs(data.bq))            # (Q,) queries in key order
     pending, cost = [], 0
     for first in range(0, queries.numel(), step):
         block = queries[first:first + step]
-        hits = table.within(pack_signs(data.bq[block]), radius)   # (H,) codes found, by query
+        hits = table.within(keys[first:first + step], radius)  # (H,) codes found, by query
         members = torch.zeros(block.numel(), dtype=torch.int64, device=data.device)
         members.index_add_(0, hits.query, table.sizes(hits.row))   # (c,) ball sizes
         bounds = [0] + torch.bincount(hits.query, minlength=block.numel()).cumsum(0).tolist()
