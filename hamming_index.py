@@ -143,8 +143,9 @@ class CodeTable:
         lo = self.directory.take(probes).to(torch.int64)
         n = self.directory.take(probes + 1) - lo
         hit = n.nonzero().view(-1)                                          # prefixes with rows
-        row, run = ranges_and_runs(lo.index_select(0, hit), n.index_select(0, hit))   # (C,) candidates
-        query = torch.div(hit, masks.numel(), rounding_mode="floor").index_select(0, run)
+        n = n.index_select(0, hit)
+        row = ranges(lo.index_select(0, hit), n)                            # (C,) candidates
+        query = repeat(torch.div(hit, masks.numel(), rounding_mode="floor"), n)
         dist = popcount(self.rows.index_select(0, row) ^ q_keys.index_select(0, query))
         keep = (dist <= radius).nonzero().view(-1)
         return Hits(query.index_select(0, keep), row.index_select(0, keep), dist.index_select(0, keep), row.numel())
@@ -157,9 +158,9 @@ class CodeTable:
         """The database items of the rows ``within`` found: (query, item, distance), (M,) each, by query."""
         if self.offsets is None:
             return query, self.order.index_select(0, row).to(torch.int64), dist
-        position, run = ranges_and_runs(*self._spans(row))
-        item = self.order.index_select(0, position).to(torch.int64)
-        return query.index_select(0, run), item, dist.index_select(0, run)
+        first, size = self._spans(row)
+        item = self.order.index_select(0, ranges(first, size)).to(torch.int64)
+        return repeat(query, size), item, repeat(dist, size)
 
     def scored_items(self, hits, hq, codes):
         """``items`` of ``hits`` with each member's score h_q . h_x: (query, item, distance, score), (M,)
@@ -176,14 +177,15 @@ class CodeTable:
         first, size = self._spans(wanted)
         union = self.order.index_select(0, ranges(first, size)).to(torch.int64)   # (U,) their items
         row_column = size.cumsum(0) - size                                     # (R,) its first column
-        column, run = ranges_and_runs(row_column.index_select(0, which), size.index_select(0, which))
-        query, item = hits.query.index_select(0, run), union.index_select(0, column)
+        size = size.index_select(0, which)                                     # (H,) each hit's items
+        column = ranges(row_column.index_select(0, which), size)
+        query, item = repeat(hits.query, size), union.index_select(0, column)
         if hq.shape[0] * union.numel() <= _DENSE_ENTRIES_PER_MEMBER * column.numel():
             dense = hq @ codes.index_select(0, union).to(hq.dtype).T          # (c, U)
             score = dense.view(-1).index_select(0, query * union.numel() + column)
         else:
             score = pair_scores(hq, codes, query, item).to(hq.dtype)
-        return query, item, hits.distance.index_select(0, run), score
+        return query, item, repeat(hits.distance, size), score
 
     def _spans(self, row):
         """(first position in key order, number of items) of each row."""
@@ -206,20 +208,16 @@ class CodeTable:
 
 
 def ranges(first, length):
-    """The concatenated ranges [first, first + length) of (n,) tensors."""
-    return ranges_and_runs(first, length)[0]
+    """The concatenated ranges [first, first + length) of (n,) int64 tensors."""
+    entries = repeat(first - (length.cumsum(0) - length), length)
+    return entries.add_(torch.arange(entries.numel(), device=entries.device))
 
 
-def ranges_and_runs(first, length):
-    """``ranges(first, length)`` and, for each of its entries, the range it comes from."""
-    if first.device.type == "cpu" and _NUMPY_ON_CPU:           # numpy's repeat: 3-4x faster here
-        first, length = first.numpy(), length.numpy()
-        run = np.repeat(np.arange(length.size), length)
-        entries = np.repeat(first - (np.cumsum(length) - length), length) + np.arange(run.size)
-        return torch.from_numpy(entries), torch.from_numpy(run)
-    run = torch.repeat_interleave(torch.arange(length.numel(), device=length.device), length)
-    start_in_output = length.cumsum(0) - length
-    return (first - start_in_output).index_select(0, run) + torch.arange(run.numel(), device=run.device), run
+def repeat(values, counts):
+    """Each of the (n,) ``values`` repeated ``counts`` times, in order."""
+    if values.device.type == "cpu" and _NUMPY_ON_CPU:           # numpy's repeat: 3-4x faster here
+        return torch.from_numpy(np.repeat(values.numpy(), counts.numpy()))
+    return torch.repeat_interleave(values, counts)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -267,7 +265,7 @@ def rank_members(group, score, index, n_groups):
         bad = torch.unique(keys[wrong])                         # the runs to redo, by key
         first = torch.searchsorted(keys, bad)
         length = torch.searchsorted(keys, bad, right=True) - first
-        run = torch.repeat_interleave(torch.arange(bad.numel(), device=keys.device), length)
+        run = repeat(torch.arange(bad.numel(), device=keys.device), length)
         where = ranges(first, length)                           # their positions, run by run
         members = order[where]
         order[where] = members[exact_order(run, score[members], index[members])]
