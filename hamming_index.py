@@ -142,12 +142,12 @@ class CodeTable:
         probes = (self._prefix(q_keys)[:, None] ^ masks).view(-1)         # (c P,) prefixes read
         lo = self.directory.take(probes).to(torch.int64)
         n = self.directory.take(probes + 1) - lo
-        hit = n.nonzero().view(-1)                                          # prefixes with rows
+        hit = positions(n > 0)                                         # prefixes with rows
         n = n.index_select(0, hit)
         row = ranges(lo.index_select(0, hit), n)                            # (C,) candidates
         query = repeat(torch.div(hit, masks.numel(), rounding_mode="floor"), n)
         dist = popcount(self.rows.index_select(0, row) ^ q_keys.index_select(0, query))
-        keep = (dist <= radius).nonzero().view(-1)
+        keep = positions(dist <= radius)
         return Hits(query.index_select(0, keep), row.index_select(0, keep), dist.index_select(0, keep), row.numel())
 
     def sizes(self, row):
@@ -213,6 +213,13 @@ def ranges(first, length):
     return entries.add_(torch.arange(entries.numel(), device=entries.device))
 
 
+def positions(mask):
+    """(n,) int64 positions of the true entries of a bool tensor, read as flat."""
+    if mask.device.type == "cpu" and _NUMPY_ON_CPU:             # numpy's flatnonzero: 2-5x faster here
+        return torch.from_numpy(np.flatnonzero(mask.numpy()))
+    return mask.view(-1).nonzero().view(-1)
+
+
 def repeat(values, counts):
     """Each of the (n,) ``values`` repeated ``counts`` times, in order."""
     if values.device.type == "cpu" and _NUMPY_ON_CPU:           # numpy's repeat: 3-4x faster here
@@ -258,7 +265,7 @@ def rank_members(group, score, index, n_groups):
     else:
         quantum = torch.zeros_like(group, dtype=key_type)
     keys, order = torch.sort(group.to(key_type) << score_bits | quantum, stable=True)
-    tie = (keys[1:] == keys[:-1]).nonzero().flatten()           # (P,) positions equal to the next
+    tie = positions(keys[1:] == keys[:-1])                      # (P,) positions equal to the next
     before, after = order[tie], order[tie + 1]
     wrong = tie[(score[after] > score[before]) | ((score[after] == score[before]) & (index[after] < index[before]))]
     if wrong.numel():
@@ -428,7 +435,7 @@ class HammingIndex:
         dist = torch.cat([block[0] for _, block in self._scan(hq[None])])     # (N,)
         within = torch.bincount(dist, minlength=self.bits + 1).cumsum(0)
         reach = int((within < count).sum())                     # the distance holding the count-th item
-        xi = (dist <= reach).nonzero().view(-1)
+        xi = positions(dist <= reach)
         score = pair_scores(hq[None], self.codes, torch.zeros_like(xi), xi)
         best = exact_order(dist[xi], score, xi)[:count]
         rel = relevance(torch.full_like(best, query), xi[best]) if relevance else None

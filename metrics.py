@@ -26,7 +26,7 @@ import math
 import numpy as np
 import torch
 
-from hamming_index import MAX_TABLE_BITS, CodeTable, pack_signs
+from hamming_index import MAX_TABLE_BITS, CodeTable, pack_signs, positions
 from hamming_index import rank_members as _rank_members
 
 RADIUS_CONVENTIONS = ("deephash", "mmhh")
@@ -389,11 +389,11 @@ def _ball_stats(data, radius, budget, every_radius=False):
         # (M,) members of the (c,) queries, qi indexing them.
         c = queries.numel()
         rel_u, n_rel_here = _relevance(data, queries)
-        rel = rel_u[qi, data.inv[xi]]                           # (M,)
+        rel = rel_u[qi, data.inv.index_select(0, xi)]           # (M,)
         order, qi = _rank_members(qi, score, xi, c)             # qi in rank order
-        rel = rel[order]
+        rel = rel.index_select(0, order)
         if every_radius:
-            dist = dist[order]
+            dist = dist.index_select(0, order)
             ap_c, n_rel_c = _radius_table_ap(qi, dist, rel, c, W)
             sizes = torch.bincount(qi * W + dist, minlength=c * W).view(c, W).cumsum(1)
         else:
@@ -453,9 +453,9 @@ def _ball_members_scan(data, radius, budget):
     for start, stop in chunks:
         c = stop - start
         products = torch.matmul(data.bq[start:stop], data.bd.T, out=agree[:c])     # (c, N)
-        flat = (products >= K - 2 * radius).view(-1).nonzero().flatten()   # d <= r, in (query, index) order
-        dist = ((K - products.view(-1)[flat]) / 2).to(torch.int64)
-        score = torch.matmul(data.hq[start:stop], data.hd.T, out=scores[:c]).view(-1)[flat]
+        flat = positions(products >= K - 2 * radius)           # d <= r, in (query, index) order
+        dist = ((K - products.view(-1).index_select(0, flat)) / 2).to(torch.int64)
+        score = torch.matmul(data.hq[start:stop], data.hd.T, out=scores[:c]).view(-1).index_select(0, flat)
         qi = torch.div(flat, N, rounding_mode="floor")
         sizes = torch.bincount(qi, minlength=c).cpu()
         offsets = [0] + sizes.cumsum(0).tolist()
@@ -520,13 +520,13 @@ def _ball_ap(group, rel, sizes):
     """AP and #relevant of each query from its ball's members (M,) in rank order, grouped by query;
     sizes (c,): each query's number of members."""
     dev, c = group.device, sizes.numel()
-    where = rel.nonzero().flatten()                             # (T,) positions of the relevant members
-    q = group[where]
+    where = positions(rel)                            # (T,) positions of the relevant members
+    q = group.index_select(0, where)
     n_rel = torch.bincount(q, minlength=c)                      # (c,)
     start = sizes.cumsum(0) - sizes                             # (c,) each query's first position
     found_before = n_rel.cumsum(0) - n_rel
-    rank = where - start[q] + 1                                 # rank in the ball
-    found = torch.arange(1, q.numel() + 1, device=dev) - found_before[q]   # relevant at or before
+    rank = where - start.index_select(0, q) + 1                                 # rank in the ball
+    found = torch.arange(1, q.numel() + 1, device=dev) - found_before.index_select(0, q)   # relevant at or before
     terms = found.to(torch.float64) / rank                      # P@rank at each relevant member
     num = torch.segment_reduce(terms, "sum", lengths=n_rel)     # q is sorted: sums of runs
     return torch.where(n_rel > 0, num / n_rel.clamp(min=1), 0.0), n_rel
@@ -543,7 +543,7 @@ def _radius_table_ap(group, dist, rel, c, K1):
     instead of O(M * K1). The running counts are held in float64, exact below 2^53.
     """
     dev, f64 = group.device, torch.float64
-    where = rel.nonzero().view(-1)
+    where = positions(rel)
     q_of_rel, d_rel = group.index_select(0, where), dist.index_select(0, where)   # (T,) relevant, by query
     T = q_of_rel.numel()
     n_rel_ball = torch.bincount(q_of_rel * K1 + d_rel, minlength=c * K1).view(c, K1).cumsum(1)
@@ -559,7 +559,7 @@ def _radius_table_ap(group, dist, rel, c, K1):
     # each radius.
     rel_i = rel.to(torch.int64)
     column = rel_i.cumsum(0) - rel_i                            # (M,) relevant members ranked before, all queries
-    counted = column < end[group]
+    counted = column < end.index_select(0, group)
     spare = K1 * T
     cells = torch.where(counted, dist * T + column, spare)
     m = torch.bincount(cells, minlength=spare + 1)[:-1].view(K1, T).to(f64)   # unweighted: 6x faster
@@ -626,13 +626,13 @@ def _sign_scan(data, top_r, budget, want_pn):
         within = counts.sum(2).cumsum(1)                        # (c, K1) items within each radius
         d_star = (within < top_r).sum(1)                        # (c,) first radius holding R items
         last = (offset - K + 2 * d_star + 1).to(torch.int32)    # (c,) the largest cell within d*
-        near = (cell <= last).view(-1).nonzero().flatten()      # (index, query) order
-        near_cells = cell.view(-1)[near]
+        near = positions(cell <= last)                         # (index, query) order
+        near_cells = cell.view(-1).index_select(0, near)
         order = torch.sort(near_cells >> 1, stable=True).indices   # (query, d, index)
         candidates = within.gather(1, d_star[:, None]).flatten()   # (c,) items within d*
         first = candidates.cumsum(0) - candidates
-        top = order[(first[:, None] + torch.arange(top_r, device=dev)).flatten()]   # (c R,)
-        top_rel = (near_cells[top] & 1).view(c, top_r) > 0    # (c, R) relevance in rank order
+        top = order.index_select(0, (first[:, None] + torch.arange(top_r, device=dev)).view(-1))   # (c R,)
+        top_rel = (near_cells.index_select(0, top) & 1).view(c, top_r) > 0   # (c, R) relevance in rank order
         ap_c, n_c, found_at = _ranked_ap(top_rel)
         ap[start:stop], n_rel[start:stop] = ap_c.cpu(), n_c.cpu()
         if want_pn:
