@@ -364,7 +364,7 @@ class HammingIndex:
             for start, dist in self._scan(query_codes):
                 query, item = (dist <= radius).nonzero(as_tuple=True)
                 parts.append((query, item + start, dist[query, item]))
-        return tuple(torch.cat(columns) for columns in zip(*parts))
+        return tuple(torch.cat(columns) if len(columns) > 1 else columns[0] for columns in zip(*parts))
 
     def save(self, path):
         """Write the index to ``path`` atomically: tensors and plain data, read with weights_only=True."""
