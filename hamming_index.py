@@ -84,7 +84,7 @@ def popcount(x):
     return ((x * 0x0101010101010101) >> 56) & 0xFF
 
 
-# numpy's popcount and repeat on the CPU; tests turn them off to run the torch code (the GPU's) on the CPU.
+# numpy's popcount, repeat and flatnonzero on the CPU; tests turn them off to run the torch code (the GPU's) on the CPU.
 _NUMPY_ON_CPU = True
 
 
