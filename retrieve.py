@@ -58,6 +58,9 @@ def parse_args(argv=None):
                               "then score (default 0: none)")
     answers.add_argument("--json", default=None, help="write the answers to this JSON file")
     answers.add_argument("--grid", default=None, help="draw each query beside its results into this PNG file")
+    answers.add_argument("--grid_queries", type=int, default=50,
+                         help="queries drawn in --grid, the first ones (default 50; 0: all): a picture of "
+                              "hundreds of queries is taller than most image viewers open")
     answers.add_argument("--overwrite", action="store_true",
                          help="replace existing --save_index, --json and --grid files instead of stopping")
     encoding = parser.add_argument_group("encoding, as test_mmhh.py")
@@ -96,8 +99,10 @@ def main(argv=None):
         write_text_atomically(args.json, json.dumps(answers_json(query_paths, answers, index), indent=1))
         log.info("wrote %s", args.json)
     if args.grid:
-        plots.save_retrieval_grid(args.grid, query_paths, answers, index.paths, args.radius)
-        log.info("drew %s", args.grid)
+        drawn = min(args.grid_queries or len(answers), len(answers))
+        plots.save_retrieval_grid(args.grid, query_paths[:drawn], answers[:drawn], index.paths, args.radius)
+        cut = f" (the first {drawn} of {len(answers)} queries; --grid_queries 0 draws all)"
+        log.info("drew %s%s", args.grid, cut if drawn < len(answers) else "")
     return 0
 
 
@@ -119,7 +124,8 @@ def check_flags(args):
         raise UsageError("nothing to do: give --query IMAGE ... or --query_list FILE, or --save_index FILE")
     if (args.json or args.grid) and not (args.query or args.query_list):
         raise UsageError("--json and --grid hold answers to queries: give --query IMAGE ... or --query_list FILE")
-    for flag, low in (("radius", 0), ("topk", 1), ("fallback_topk", 0), ("batch_size", 1), ("workers", 0)):
+    for flag, low in (("radius", 0), ("topk", 1), ("fallback_topk", 0), ("grid_queries", 0), ("batch_size", 1),
+                      ("workers", 0)):
         if getattr(args, flag) < low:
             raise UsageError(f"--{flag} {getattr(args, flag)}: must be at least {low}")
     if args.grid and not args.grid.lower().endswith(".png"):

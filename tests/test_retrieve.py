@@ -3,6 +3,7 @@ answers are ranked as the metric ranks a ball, index files round-trip, and each 
 import json
 import os
 import shutil
+import struct
 import sys
 import types
 
@@ -286,6 +287,13 @@ def test_index_a_dataset_then_query_it(trained, tmp_path, capsys):
     assert code == 0, err
     assert "rank  distance       score  relevant  item" in out and "ball of radius 2:" in out
     assert grid.read_bytes()[:4] == b"\x89PNG"
+    first_two = tmp_path / "two.png"                            # a long list: the grid draws its first queries
+    code, out, err = run(["--index", index, "--model_path", trained.snapshot, "--query_list", trained.queries,
+                          "--topk", "4", "--grid", str(first_two), "--grid_queries", "2"], capsys)
+    assert code == 0, err
+    assert f"drew {first_two} (the first 2 of 9 queries; --grid_queries 0 draws all)" in out
+    heights = [struct.unpack(">I", path.read_bytes()[20:24])[0] for path in (first_two, grid)]   # PNG IHDR
+    assert 2 * heights[0] < heights[1]
     documents = json.loads(answers.read_text())
     assert len(documents) == 9 and documents[0]["query"] == str(trained.images / "test_0_0.png")
     hd, hq = np.load(trained.codes / "database_code.npy"), np.load(trained.codes / "test_code.npy")
@@ -370,6 +378,8 @@ def bad_inputs(trained, tmp):
         "queries without a model": (["--index", trained.index, "--query", str(broken)], ["--model_path"]),
         "output exists": (["--index", trained.index, *query, "--json", str(broken)], [str(broken), "--overwrite"]),
         "bad radius": (["--index", trained.index, *query, "--radius", "-1"], ["--radius -1"]),
+        "bad grid_queries": (["--index", trained.index, *query, "--grid_queries", "-2"],
+                             ["--grid_queries -2", "at least 0"]),
     }
 
 
