@@ -142,7 +142,7 @@ class CodeTable:
         probes = (self._prefix(q_keys)[:, None] ^ masks).view(-1)         # (c P,) prefixes read
         lo = self.directory.take(probes).to(torch.int64)
         n = self.directory.take(probes + 1) - lo
-        hit = positions(n > 0)                                         # prefixes with rows
+        hit = positions(n > 0)                                              # prefixes with rows
         n = n.index_select(0, hit)
         row = ranges(lo.index_select(0, hit), n)                            # (C,) candidates
         query = repeat(torch.div(hit, masks.numel(), rounding_mode="floor"), n)
