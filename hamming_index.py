@@ -415,8 +415,8 @@ class HammingIndex:
                     + self._answer(hq, queries[half:], radius, topk, relevance))
         order, group = rank_members(qi, score, xi, len(queries))
         sizes = torch.bincount(qi, minlength=len(queries))      # (c,) ball sizes
-        rank = torch.arange(order.numel()) - (sizes.cumsum(0) - sizes)[group]
-        kept = order[rank < topk]                               # each query's first topk, best first
+        rank = torch.arange(order.numel()) - (sizes.cumsum(0) - sizes).index_select(0, group)
+        kept = order.index_select(0, positions(rank < topk))    # each query's first topk, best first
         shown = torch.clamp(sizes, max=topk).tolist()
         columns = [column[kept].split(shown) for column in (xi, dist, score)]
         relevant = (relevance(queries[qi[kept]], xi[kept]).split(shown) if relevance else [None] * len(queries))
