@@ -520,13 +520,14 @@ def _ball_ap(group, rel, sizes):
     """AP and #relevant of each query from its ball's members (M,) in rank order, grouped by query;
     sizes (c,): each query's number of members."""
     dev, c = group.device, sizes.numel()
-    where = positions(rel)                            # (T,) positions of the relevant members
+    where = positions(rel)                                      # (T,) positions of the relevant members
     q = group.index_select(0, where)
     n_rel = torch.bincount(q, minlength=c)                      # (c,)
     start = sizes.cumsum(0) - sizes                             # (c,) each query's first position
     found_before = n_rel.cumsum(0) - n_rel
-    rank = where - start.index_select(0, q) + 1                                 # rank in the ball
-    found = torch.arange(1, q.numel() + 1, device=dev) - found_before.index_select(0, q)   # relevant at or before
+    rank = where - start.index_select(0, q) + 1                 # rank in the ball
+    # Relevant members ranked at or before each relevant member.
+    found = torch.arange(1, q.numel() + 1, device=dev) - found_before.index_select(0, q)
     terms = found.to(torch.float64) / rank                      # P@rank at each relevant member
     num = torch.segment_reduce(terms, "sum", lengths=n_rel)     # q is sorted: sums of runs
     return torch.where(n_rel > 0, num / n_rel.clamp(min=1), 0.0), n_rel
