@@ -4,12 +4,15 @@
         --num_iters 800 --image_network ResNetFc --backbone ResNet18 --pretrained none ...
 
 Every cell (method x bits x seed) trains with train_mmhh.py in its own folder DIR/cells/<cell>/ and
-evaluates at the end. A rerun skips the finished cells and redoes the failed or interrupted ones. Flags
-compare.py does not know are passed to every run; `--method_flags DCH="--gamma 10"` adds flags to one
-method's runs. The results go to DIR/results.csv, DIR/table.md and DIR/map_vs_bits.png.
+evaluates at the end; its result.json records the flags it ran with. A rerun skips the finished cells,
+redoes the failed or interrupted ones, and stops before training anything when a finished cell ran with
+other flags than the command's (--redo_changed redoes those). Flags compare.py does not know are passed
+to every run; `--method_flags DCH="--gamma 10"` adds flags to one method's runs. The results go to
+DIR/results.csv, DIR/table.md and DIR/map_vs_bits.png, rewritten after every cell.
 """
 import argparse
 import csv
+import difflib
 import glob
 import io
 import json
@@ -27,9 +30,15 @@ from runtime import UsageError, format_duration, run_cli, write_text_atomically
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 # Each method's published settings (recipes.py); --method_flags METHOD="--recipe ..." picks another.
-METHOD_RECIPES = {"MMHH": "mmhh_release", "DCH": "dch_deephash", "HashNet": "hashnet"}
-CSV_COLUMNS = ("method", "bits", "seed", "status", "map_radius_deephash", "map_radius_mmhh",
-               "empty_ball_fraction", "map_topk", "distinct_codes", "seconds", "error")
+METHOD_RECIPES = {"MMHH": "mmhh_release", "MMHH_paper": "mmhh_release", "DCH": "dch_deephash",
+                  "HashNet": "hashnet"}
+# A method that is a recipe plus flags: MMHH_paper is the release's recipe with the paper-form loss.
+METHOD_BASE_FLAGS = {"MMHH_paper": ["--distance_type", "MMHH_paper"]}
+DEFAULT_METHODS = ["MMHH", "DCH", "HashNet"]
+CSV_COLUMNS = ("method", "bits", "seed", "status", "collapsed", "radius", "map_radius_deephash",
+               "map_radius_mmhh", "empty_ball_fraction", "map_topk", "distinct_codes", "seconds", "flags",
+               "error")
+NOT_RUN = "not run"
 # compare.py sets these for every cell itself.
 RESERVED_FLAGS = ("--s_dataset", "--t_dataset", "--hash_bit", "--seed", "--annotation", "--snap_path",
                   "--log_dir", "--runs_dir", "--test_output_dir", "--resume")
@@ -39,8 +48,8 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", required=True, help="dataset name (its folder under --data_dir)")
     parser.add_argument("--data_dir", default="data", help="folder of the dataset folders (default data)")
-    parser.add_argument("--methods", nargs="+", default=list(METHOD_RECIPES), choices=list(METHOD_RECIPES),
-                        help="methods to compare (default: all three)")
+    parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(METHOD_RECIPES),
+                        help=f"methods to compare (default: {' '.join(DEFAULT_METHODS)})")
     parser.add_argument("--bits", nargs="+", type=int, default=[16, 32, 48, 64], help="code lengths")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="seeds; the table averages over them")
     parser.add_argument("--output", required=True, help="folder of the cells, results.csv, table.md and the plot")
@@ -48,6 +57,9 @@ def parse_args(argv=None):
                         help="training iterations of every run (default: each recipe's)")
     parser.add_argument("--method_flags", action="append", default=[], metavar='METHOD="FLAGS"',
                         help='extra training flags for one method, e.g. DCH="--gamma 10"; repeatable')
+    parser.add_argument("--redo_changed", action="store_true",
+                        help="redo finished cells that ran with other flags than this command's (without it, "
+                             "compare.py stops and names the difference)")
     args, training_flags = parser.parse_known_args(argv)
     args.training_flags = training_flags + (["--num_iters", str(args.num_iters)] if args.num_iters else [])
     args.per_method = parse_method_flags(args.method_flags, args.methods)
@@ -75,26 +87,42 @@ def parse_method_flags(entries, methods):
 def main(argv=None):
     args = parse_args(argv)
     cells = [(method, bits, seed) for method in args.methods for bits in args.bits for seed in args.seeds]
-    results, started, timed = [], time.perf_counter(), []
+    earlier = {cell: read_result(cell_folder(args, *cell)) for cell in cells}
+    changed = {cell: flags_difference(result.get("flags"), cell_flags(args, cell[0]))
+               for cell, result in earlier.items() if result and result["status"] == "ok"}
+    changed = {cell: difference for cell, difference in changed.items() if difference}
+    if changed and not args.redo_changed:
+        cell, difference = next(iter(changed.items()))
+        raise UsageError(f"{cell_name(*cell)} (and {len(changed) - 1} more) finished with other flags than "
+                         f"this command's ({difference}); pass --redo_changed to redo "
+                         f"{'it' if len(changed) == 1 else 'them'}, or choose another --output")
+    results = {cell: pending_result(*cell) for cell in cells}
+    started, timed = time.perf_counter(), []
     for number, cell in enumerate(cells, start=1):
-        result = read_result(cell_folder(args, *cell))
-        if result and result["status"] == "ok":
+        result = earlier[cell]
+        if result and result["status"] == "ok" and cell not in changed:
             print(f"[{number}/{len(cells)}] {cell_name(*cell)}: done before, skipped", flush=True)
         else:
-            result = run_cell(args, *cell, redo=result is not None or os.path.isdir(cell_folder(args, *cell)))
+            reason = (f"its flags changed ({changed[cell]})" if cell in changed else
+                      f"it was {result['status']} before" if result else
+                      "it stopped before writing its result" if os.path.isdir(cell_folder(args, *cell)) else None)
+            result = run_cell(args, *cell, redo_reason=reason)
             timed.append(result["seconds"])
             print(progress_line(number, cells, cell, result, started, timed), flush=True)
-        results.append(result)
+        results[cell] = result
+        write_outputs(args, list(results.values()))
         if result["status"] == "interrupted":
-            write_outputs(args, results)
             print(f"interrupted; rerun the same command to continue from {cell_name(*cell)}", file=sys.stderr)
             return 130
-    write_outputs(args, results)
-    failed = [r for r in results if r["status"] != "ok"]
+    failed = [r for r in results.values() if r["status"] != "ok"]
     print(f"wrote {os.path.join(args.output, 'results.csv')}, table.md and map_vs_bits.png; "
           f"{len(results) - len(failed)} of {len(results)} cells finished"
           + (f", {len(failed)} failed (their rows carry the error)" if failed else ""))
     return 1 if failed else 0
+
+
+def pending_result(method, bits, seed):
+    return {"method": method, "bits": bits, "seed": seed, "status": NOT_RUN}
 
 
 def cell_name(method, bits, seed):
@@ -114,11 +142,11 @@ def read_result(folder):
         return None
 
 
-def run_cell(args, method, bits, seed, redo):
-    """Train and evaluate one cell in its own folder; its result.json records how it ended."""
+def run_cell(args, method, bits, seed, redo_reason=None):
+    """Train and evaluate one cell in its own folder; its result.json records how it ended and its flags."""
     folder = cell_folder(args, method, bits, seed)
-    if redo:
-        print(f"redoing {cell_name(method, bits, seed)} (failed or interrupted before)", flush=True)
+    if redo_reason:
+        print(f"redoing {cell_name(method, bits, seed)}: {redo_reason}", flush=True)
         shutil.rmtree(folder)
     os.makedirs(folder)
     command = cell_command(args, method, bits, seed, folder)
@@ -129,7 +157,8 @@ def run_cell(args, method, bits, seed, redo):
         returncode, stderr, signalled = run_forwarding_signals(command, log)
         log.write(stderr)
     result = {"method": method, "bits": bits, "seed": seed, "seconds": round(time.perf_counter() - start, 1),
-              "recipe": method_recipe(args, method), "command": shlex.join(command)}
+              "recipe": method_recipe(args, method), "flags": cell_flags(args, method),
+              "command": shlex.join(command)}
     if returncode == 0:
         result.update(status="ok", **cell_metrics(folder))
     else:
@@ -172,17 +201,41 @@ def method_recipe(args, method):
     return given[-1] if given else METHOD_RECIPES[method]
 
 
+def method_flags(args, method):
+    """The flags one method's cells add to the shared ones: its base flags and its --method_flags."""
+    return METHOD_BASE_FLAGS.get(method, []) + args.per_method[method]
+
+
+def cell_flags(args, method):
+    """What a cell's training depends on besides its code length and seed: data, recipe and flags."""
+    return ["--s_dataset", args.dataset, "--data_dir", os.path.abspath(args.data_dir),
+            "--recipe", METHOD_RECIPES[method], *args.training_flags, *method_flags(args, method)]
+
+
+def flags_difference(recorded, current):
+    """'' when a finished cell's recorded flags are the current ones, else the difference in words."""
+    if recorded is None:
+        return "it recorded no flags"
+    if recorded == current:
+        return ""
+    removed, added = [], []
+    for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(a=recorded, b=current, autojunk=False).get_opcodes():
+        if tag != "equal":
+            removed += recorded[i1:i2]
+            added += current[j1:j2]
+    return "; ".join(part for part in (f"then: {shlex.join(removed)}" if removed else "",
+                                       f"now: {shlex.join(added)}" if added else "") if part)
+
+
 def cell_command(args, method, bits, seed, folder):
     """The train_mmhh.py command of one cell: the method's recipe, the shared flags, the method's own."""
     name = cell_name(method, bits, seed)
-    return [sys.executable, os.path.join(REPO, "train_mmhh.py"), "--s_dataset", args.dataset,
-            "--data_dir", os.path.abspath(args.data_dir), "--recipe", METHOD_RECIPES[method],
+    return [sys.executable, os.path.join(REPO, "train_mmhh.py"),
             "--hash_bit", str(bits), "--seed", str(seed), "--annotation", name,
             "--snap_path", os.path.join(os.path.abspath(folder), "snapshot", ""),
             "--log_dir", os.path.join(os.path.abspath(folder), "log"),
             "--runs_dir", os.path.join(os.path.abspath(folder), "runs"),
-            "--test_output_dir", os.path.join(os.path.abspath(folder), "test_output"),
-            *args.training_flags, *args.per_method[method]]
+            "--test_output_dir", os.path.join(os.path.abspath(folder), "test_output"), *cell_flags(args, method)]
 
 
 def cell_metrics(folder):
@@ -196,61 +249,120 @@ def cell_metrics(folder):
 def progress_line(number, cells, cell, result, started, timed):
     elapsed = time.perf_counter() - started
     remaining = statistics.mean(timed) * (len(cells) - number)
-    outcome = (f"MAP@H<=2 {result['map_radius_deephash']:.4f} (deephash)" if result["status"] == "ok"
+    outcome = (f"MAP@H<={result['radius']} {result['map_radius_deephash']:.4f} (deephash)"
+               + (", collapsed" if result.get("collapsed") else "") if result["status"] == "ok"
                else f"{result['status']}: {result.get('error', '')}")
     return (f"[{number}/{len(cells)}] {cell_name(*cell)}: {outcome} in {format_duration(result['seconds'])}; "
             f"elapsed {format_duration(elapsed)}, about {format_duration(remaining)} left")
 
 
 def write_outputs(args, results):
-    """results.csv (a row a cell), table.md (mean ± std over seeds) and map_vs_bits.png."""
+    """results.csv (a row a cell, run or not), table.md and map_vs_bits.png, of the cells finished so far."""
     os.makedirs(args.output, exist_ok=True)
     write_text_atomically(os.path.join(args.output, "results.csv"), results_csv(results))
-    write_text_atomically(os.path.join(args.output, "table.md"), results_table(results, args, args.bits))
-    series = {method: [(bits, *mean_std(results, method, bits, "map_radius_deephash")) for bits in args.bits
-                       if mean_std(results, method, bits, "map_radius_deephash")] for method in args.methods}
-    plots.save_map_vs_bits(series, args.output)
+    write_text_atomically(os.path.join(args.output, "table.md"), results_table(results, args))
+    series = {method: [] for method in args.methods}
+    for method in args.methods:
+        for bits in args.bits:
+            summary = cell_summary(results, method, bits, "map_radius_deephash")
+            if summary["mean_std"]:
+                mean, std = summary["mean_std"]
+                series[method].append((bits, mean, std or 0.0))
+    plots.save_map_vs_bits(series, args.output, ylabel=f"MAP@H<={table_radius(results, args)} (deephash)")
 
 
 def results_csv(results):
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
-    writer.writerows(results)
+    writer.writerows({**r, "flags": shlex.join(r["flags"])} if "flags" in r else r for r in results)
     return buffer.getvalue()
 
 
-def mean_std(results, method, bits, key):
-    """(mean, std) of ``key`` over the finished seeds of a method and code length; () when none finished."""
-    values = [r[key] for r in results if (r["method"], r["bits"], r["status"]) == (method, bits, "ok")]
-    if not values:
-        return ()
-    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+def cell_summary(results, method, bits, key):
+    """A table cell: ``key`` over the seeds of a method and code length, and how many of them finished.
+
+    mean_std is (mean, sample std) over the finished seeds (std None for one seed), () when none finished;
+    statuses counts the seeds by status; collapsed lists the finished seeds whose codes collapsed.
+    """
+    seeds = [r for r in results if (r["method"], r["bits"]) == (method, bits)]
+    finished = [r for r in seeds if r["status"] == "ok"]
+    values = [r[key] for r in finished]
+    statuses = {}
+    for r in seeds:
+        statuses[r["status"]] = statuses.get(r["status"], 0) + 1
+    return {"mean_std": (statistics.mean(values), statistics.stdev(values) if len(values) > 1 else None)
+            if values else (), "n": len(values), "asked": len(seeds), "statuses": statuses,
+            "collapsed": [r["seed"] for r in finished if r.get("collapsed")]}
 
 
-def results_table(results, args, bits_list):
-    """Markdown tables of MAP@H<=2 in both conventions, and the empty-ball fraction; best MAP in bold."""
-    methods, sections = args.methods, []
+def can_win(summary):
+    """Only a complete cell with no collapsed seed may be bolded as the best."""
+    return summary["n"] == summary["asked"] and not summary["collapsed"]
+
+
+def cell_text(summary):
+    """'0.7683 ± 0.0108 (n=3)', with what is missing or collapsed said in the cell itself."""
+    notes = []
+    if summary["n"] < summary["asked"]:
+        missing = ", ".join(f"{count} {status}" for status, count in summary["statuses"].items() if status != "ok")
+        notes.append(f"incomplete: {missing}")
+    if summary["collapsed"]:
+        notes.append("collapsed: seed " + ", ".join(map(str, summary["collapsed"])))
+    if not summary["mean_std"]:
+        return "— (" + "; ".join(notes) + ")"
+    mean, std = summary["mean_std"]
+    count = f"n={summary['n']}" + (f" of {summary['asked']}" if summary["n"] < summary["asked"] else "")
+    return f"{mean:.4f}" + (f" ± {std:.4f}" if std is not None else "") + f" ({'; '.join([count, *notes])})"
+
+
+def table_radius(results, args):
+    """The radius the cells were scored at: what they recorded, else the last --radius given, else 2."""
+    recorded = sorted({r["radius"] for r in results if r["status"] == "ok" and "radius" in r})
+    if recorded:
+        return "/".join(map(str, recorded))
+    given = [flag.split("=")[-1] if "=" in flag else args.training_flags[i + 1]
+             for i, flag in enumerate(args.training_flags) if flag.split("=")[0] == "--radius"]
+    return given[-1] if given else "2"
+
+
+def results_table(results, args):
+    """Markdown tables of MAP@H<=r in both conventions and the empty-ball fraction, with what produced them."""
+    radius, sections = table_radius(results, args), []
     for key, title, best_is_max in (
-            ("map_radius_deephash", "MAP@H<=2, deephash convention (empty balls count 0)", True),
-            ("map_radius_mmhh", "MAP@H<=2, mmhh convention (empty balls left out)", True),
-            ("empty_ball_fraction", "fraction of queries whose ball is empty", None)):
-        rows = ["| method | " + " | ".join(f"{bits} bits" for bits in bits_list) + " |",
-                "|---" * (len(bits_list) + 1) + "|"]
-        best = {bits: max((mean_std(results, m, bits, key) or (-1.0,))[0] for m in methods) for bits in bits_list}
-        for method in methods:
+            ("map_radius_deephash", f"MAP@H<={radius}, deephash convention (empty balls count 0)", True),
+            ("map_radius_mmhh", f"MAP@H<={radius}, mmhh convention (empty balls left out)", True),
+            ("empty_ball_fraction", f"fraction of queries whose ball (radius {radius}) is empty", False)):
+        summaries = {(m, bits): cell_summary(results, m, bits, key) for m in args.methods for bits in args.bits}
+        rows = ["| method | " + " | ".join(f"{bits} bits" for bits in args.bits) + " |",
+                "|---" * (len(args.bits) + 1) + "|"]
+        for method in args.methods:
             cells = []
-            for bits in bits_list:
-                stats = mean_std(results, method, bits, key)
-                text = "failed" if not stats else f"{stats[0]:.4f}" + (f" ± {stats[1]:.4f}" if stats[1] else "")
-                cells.append(f"**{text}**" if stats and best_is_max and stats[0] == best[bits] else text)
+            for bits in args.bits:
+                summary, text = summaries[method, bits], cell_text(summaries[method, bits])
+                rivals = [s["mean_std"][0] for (m, b), s in summaries.items() if b == bits and can_win(s)]
+                best = best_is_max and can_win(summary) and summary["mean_std"][0] == max(rivals)
+                cells.append(f"**{text}**" if best else text)
             rows.append(f"| {method} | " + " | ".join(cells) + " |")
         sections.append(f"### {title}\n\n" + "\n".join(rows) + "\n")
-    seeds = sorted({r["seed"] for r in results})
-    shared = (f" Flags of every run, which win over the recipes: `{shlex.join(args.training_flags)}`."
-              if args.training_flags else "")
-    return (f"Mean ± std over seeds {', '.join(map(str, seeds))}; each method at its recipe "
-            f"({', '.join(f'{m}: {method_recipe(args, m)}' for m in methods)}).{shared}\n\n" + "\n".join(sections))
+    return table_preamble(results, args, radius) + "\n".join(sections)
+
+
+def table_preamble(results, args, radius):
+    """What the tables are: status, seeds, statistics, and every flag each method's cells ran with."""
+    finished = sum(r["status"] == "ok" for r in results)
+    status = ("" if finished == len(results) else
+              f"**INCOMPLETE: {finished} of {len(results)} cells finished** (rerun the same command to go on).\n\n")
+    method_lines = "".join(
+        f"- {m}: recipe `{method_recipe(args, m)}`, its own flags "
+        + (f"`{shlex.join(method_flags(args, m))}`" if method_flags(args, m) else "none") + "\n"
+        for m in args.methods)
+    shared = f"`{shlex.join(args.training_flags)}`" if args.training_flags else "none"
+    return (f"{status}Dataset `{args.dataset}`, seeds {', '.join(map(str, args.seeds))}, Hamming radius {radius}. "
+            "Each cell: mean ± sample standard deviation over its finished seeds, and n, the number of "
+            "them. Bold: the best complete cell of a column with no collapsed seed (fewer distinct database "
+            "codes than labels, or every bit constant); an incomplete or collapsed cell is never bold.\n\n"
+            f"Flags of every cell, which win over the recipes: {shared}.\n\nEach method:\n{method_lines}\n")
 
 
 if __name__ == "__main__":

@@ -127,6 +127,7 @@ def score_codes(database_codes, database_labels, query_codes, query_labels, radi
     log_report(result)
     warning = code_health.collapse_warning(result, result["num_database"], result["hash_bit"],
                                            num_labels=database_labels.shape[1])
+    result["collapsed"] = warning is not None
     if warning:
         log.warning("warning: %s", warning)
     if output_dir:

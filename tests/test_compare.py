@@ -30,8 +30,9 @@ def test_compare_writes_the_table_and_skips_finished_cells(tmp_path, tiny_data, 
         ("MMHH", "16", "0", "ok"), ("DCH", "16", "0", "ok")]
     assert all(0 <= float(r["map_radius_deephash"]) <= 1 and int(r["distinct_codes"]) >= 1 for r in first)
     table = (tmp_path / "cmp" / "table.md").read_text()
-    assert "MAP@H<=2, deephash convention" in table and "mmhh convention" in table and "**" in table
-    assert "MMHH: mmhh_release" in table and "DCH: dch_deephash" in table
+    assert "MAP@H<=2, deephash convention" in table and "mmhh convention" in table
+    assert "MMHH: recipe `mmhh_release`" in table and "DCH: recipe `dch_deephash`" in table
+    assert "INCOMPLETE" not in table and "(n=1)" in table
     # Shared flags win over the recipes, so the table says which were given.
     assert "which win over the recipes: `--image_network ResNetFc" in table and "--num_iters 6`" in table
     assert (tmp_path / "cmp" / "map_vs_bits.png").stat().st_size > 1000
@@ -78,5 +79,79 @@ def test_sigterm_stops_compare_after_the_running_cell(tmp_path, tiny_data):
     _, err = process.communicate(timeout=120)
     assert process.returncode == 130, err
     assert "interrupted; rerun the same command to continue from MMHH_16bit_seed0" in err
-    assert [(r["method"], r["status"]) for r in rows(tmp_path)] == [("MMHH", "interrupted")]
+    # The outputs of an interrupted comparison say what did not finish, cell by cell.
+    assert [(r["method"], r["status"]) for r in rows(tmp_path)] == [("MMHH", "interrupted"), ("DCH", "not run")]
+    table = (tmp_path / "cmp" / "table.md").read_text()
+    assert "**INCOMPLETE: 0 of 2 cells finished**" in table
+    assert "| MMHH | — (incomplete: 1 interrupted) |" in table and "| DCH | — (incomplete: 1 not run) |" in table
     assert not (tmp_path / "cmp" / "cells" / "DCH_16bit_seed0").exists()
+
+
+def synthetic_results(cells):
+    """compare.py's result rows from (method, bits, seed, status, MAP, collapsed) tuples."""
+    return [{"method": m, "bits": b, "seed": seed, "status": status, "radius": 2, "collapsed": collapsed,
+             **({"map_radius_deephash": value, "map_radius_mmhh": value, "empty_ball_fraction": 0.0}
+                if status == "ok" else {})}
+            for m, b, seed, status, value, collapsed in cells]
+
+
+def table_rows(table, title):
+    section = table.split(title)[1].split("###")[0]
+    return {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in section.splitlines() if line.startswith("| ") and not line.startswith("| method")}
+
+
+def test_a_cell_shows_its_count_and_only_a_complete_healthy_cell_is_bold():
+    args = compare.parse_args(["--dataset", "fm", "--output", "x", "--methods", "MMHH", "MMHH_paper", "DCH",
+                               "HashNet", "--bits", "16", "48", "--seeds", "0", "1", "2"])
+    results = synthetic_results(
+        [("MMHH", 16, s, "ok", v, False) for s, v in enumerate((0.70, 0.72, 0.74))]
+        # Two of three seeds failed: its one number is the highest, but it is no winner.
+        + [("DCH", 16, 0, "ok", 0.30, False)] + [("DCH", 16, s, "failed", None, False) for s in (1, 2)]
+        + [("DCH", 48, 0, "interrupted", None, False)]
+        + [("HashNet", 16, s, "ok", 0.9, s == 1) for s in range(3)]  # the best mean, but seed 1 collapsed
+        + [("HashNet", 48, s, "ok", 0.5, False) for s in range(3)])
+    everything = {(m, b, s) for m in args.methods for b in args.bits for s in args.seeds}
+    done = {(r["method"], r["bits"], r["seed"]) for r in results}
+    results += [compare.pending_result(*cell) for cell in sorted(everything - done)]
+    table = compare.results_table(results, args)
+    deephash = table_rows(table, "MAP@H<=2, deephash convention")
+    assert deephash["MMHH"][0] == "**0.7200 ± 0.0200 (n=3)**"
+    assert deephash["DCH"][0] == "0.3000 (n=1 of 3; incomplete: 2 failed)"
+    assert deephash["HashNet"][0] == "0.9000 ± 0.0000 (n=3; collapsed: seed 1)"
+    assert deephash["DCH"][1] == "— (incomplete: 1 interrupted, 2 not run)"
+    assert deephash["MMHH_paper"] == ["— (incomplete: 3 not run)"] * 2
+    assert deephash["HashNet"][1] == "**0.5000 ± 0.0000 (n=3)**"
+    assert "sample standard deviation" in table and "INCOMPLETE: 10 of 24 cells finished" in table
+    assert "MMHH_paper: recipe `mmhh_release`, its own flags `--distance_type MMHH_paper`" in table
+    # results.csv tells every status apart, and marks the collapsed seed.
+    lines = list(csv.DictReader(compare.results_csv(results).splitlines()))
+    assert {r["status"] for r in lines} == {"ok", "failed", "interrupted", "not run"} and len(lines) == 24
+    assert [r["collapsed"] for r in lines if r["method"] == "HashNet" and r["bits"] == "16"] == \
+        ["False", "True", "False"]
+
+
+def test_a_rerun_with_other_flags_stops_before_training_and_redo_changed_redoes(tmp_path, tiny_data, capsys):
+    assert run_compare(tmp_path, tiny_data, "--radius", "1", "--method_flags", 'DCH=--gamma 10') == 0
+    first = rows(tmp_path)
+    table = (tmp_path / "cmp" / "table.md").read_text()
+    # The table names the radius the cells were scored at and the flags each method got.
+    assert "MAP@H<=1, deephash convention" in table and "H<=2" not in table
+    assert "DCH: recipe `dch_deephash`, its own flags `--gamma 10`" in table
+    assert "MMHH: recipe `mmhh_release`, its own flags none" in table
+    assert "--gamma 10" in first[1]["flags"] and "--radius 1" in first[0]["flags"]
+
+    code = compare.run_cli(compare.main, ["--dataset", "tiny", "--data_dir", str(tiny_data), "--methods", "MMHH",
+                                          "DCH", "--bits", "16", "--output", str(tmp_path / "cmp"), "--num_iters",
+                                          "6", *TRAINING, "--radius", "1", "--method_flags", 'DCH=--gamma 5'])
+    err = capsys.readouterr().err
+    assert code == 2 and "DCH_16bit_seed0 (and 0 more) finished with other flags" in err
+    assert "then: 10; now: 5" in err and "--redo_changed" in err
+    assert rows(tmp_path) == first  # nothing ran, nothing was rewritten
+
+    assert run_compare(tmp_path, tiny_data, "--radius", "1", "--method_flags", 'DCH=--gamma 5',
+                       "--redo_changed") == 0
+    out = capsys.readouterr().out
+    assert "MMHH_16bit_seed0: done before, skipped" in out
+    assert "redoing DCH_16bit_seed0: its flags changed (then: 10; now: 5)" in out
+    assert "--gamma 5" in rows(tmp_path)[1]["flags"]
