@@ -26,6 +26,7 @@ import sys
 import time
 
 import plots
+from result_tables import can_win, cell_summary, cell_text
 from runtime import UsageError, format_duration, run_cli, write_text_atomically
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -277,43 +278,6 @@ def results_csv(results):
     writer.writeheader()
     writer.writerows({**r, "flags": shlex.join(r["flags"])} if "flags" in r else r for r in results)
     return buffer.getvalue()
-
-
-def cell_summary(results, method, bits, key):
-    """A table cell: ``key`` over the seeds of a method and code length, and how many of them finished.
-
-    mean_std is (mean, sample std) over the finished seeds (std None for one seed), () when none finished;
-    statuses counts the seeds by status; collapsed lists the finished seeds whose codes collapsed.
-    """
-    seeds = [r for r in results if (r["method"], r["bits"]) == (method, bits)]
-    finished = [r for r in seeds if r["status"] == "ok"]
-    values = [r[key] for r in finished]
-    statuses = {}
-    for r in seeds:
-        statuses[r["status"]] = statuses.get(r["status"], 0) + 1
-    return {"mean_std": (statistics.mean(values), statistics.stdev(values) if len(values) > 1 else None)
-            if values else (), "n": len(values), "asked": len(seeds), "statuses": statuses,
-            "collapsed": [r["seed"] for r in finished if r.get("collapsed")]}
-
-
-def can_win(summary):
-    """Only a complete cell with no collapsed seed may be bolded as the best."""
-    return summary["n"] == summary["asked"] and not summary["collapsed"]
-
-
-def cell_text(summary):
-    """'0.7683 ± 0.0108 (n=3)', with what is missing or collapsed said in the cell itself."""
-    notes = []
-    if summary["n"] < summary["asked"]:
-        missing = ", ".join(f"{count} {status}" for status, count in summary["statuses"].items() if status != "ok")
-        notes.append(f"incomplete: {missing}")
-    if summary["collapsed"]:
-        notes.append("collapsed: seed " + ", ".join(map(str, summary["collapsed"])))
-    if not summary["mean_std"]:
-        return "— (" + "; ".join(notes) + ")"
-    mean, std = summary["mean_std"]
-    count = f"n={summary['n']}" + (f" of {summary['asked']}" if summary["n"] < summary["asked"] else "")
-    return f"{mean:.4f}" + (f" ± {std:.4f}" if std is not None else "") + f" ({'; '.join([count, *notes])})"
 
 
 def table_radius(results, args):
