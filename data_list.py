@@ -35,6 +35,10 @@ PRESETS = {
     "imagenet_100": {"topk": 1000, "similar_weight": 100.0},
     "cifar10": {"topk": -1, "similar_weight": 1.0},
     "fashion_mnist": {"topk": -1, "similar_weight": 1.0},
+    # Composites of two Fashion-MNIST images (pre_process.py pairs): 100 classes as ImageNet-100, whose
+    # presets they take, and the 10-label union with COCO's.
+    "fashion_mnist_pairs": {"topk": 1000, "similar_weight": 100.0},
+    "fashion_mnist_pairs_ml": {"topk": 5000, "similar_weight": 1.0},
 }
 # Any other list: rank the whole database, weigh similar and dissimilar pairs alike.
 DEFAULT_PRESET = {"topk": -1, "similar_weight": 1.0}
@@ -47,6 +51,8 @@ BUILD_COMMANDS = {
     "imagenet_100": "python pre_process.py imagenet100 --root /path/to/imagenet --classes classes.txt",
     "cifar10": "python pre_process.py cifar10 --root /path/to/cifar-10-batches-py",
     "fashion_mnist": "python pre_process.py fashion_mnist",
+    "fashion_mnist_pairs": "python pre_process.py pairs --dataset fashion_mnist",
+    "fashion_mnist_pairs_ml": "python pre_process.py pairs --dataset fashion_mnist --multilabel",
 }
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -328,12 +334,14 @@ def _seed_worker(worker_id):
     random.seed(seed)
 
 
-def train_transform(resize_size=256, crop_size=224, crop_scale=0.08):
-    """Resize to a square, random resized crop (area fraction crop_scale..1), flip, ImageNet normalisation."""
+def train_transform(resize_size=256, crop_size=224, crop_scale=0.08, flip=True):
+    """Resize to a square, random resized crop (area fraction crop_scale..1), flip unless told not to
+    (a flip swaps the halves of a two-image composite, so it changes an ordered pair's class),
+    ImageNet normalisation."""
     return transforms.Compose([
         transforms.Resize((resize_size, resize_size)),
         transforms.RandomResizedCrop(crop_size, scale=(crop_scale, 1.0)),
-        transforms.RandomHorizontalFlip(),
+        *([transforms.RandomHorizontalFlip()] if flip else []),
         transforms.ToTensor(),
         transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
     ])

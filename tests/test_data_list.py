@@ -4,6 +4,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import data_list
 import network
@@ -110,3 +111,15 @@ def test_pretrained_weights_from_a_file_or_a_clear_error(tmp_path, monkeypatch):
 
 def _offline(*args, **kwargs):
     raise OSError("network unreachable")
+
+
+def test_no_flip_keeps_left_and_right_where_they_are():
+    # A composite of two images whose sides differ: a flip would swap them (pre_process.py pairs).
+    pixels = np.zeros((8, 16, 3), dtype=np.uint8)
+    pixels[:, :8] = 255
+    image = Image.fromarray(pixels)
+    torch.manual_seed(0)
+    flipped = [data_list.train_transform(8, 8, crop_scale=1.0)(image)[0, 0, 0] < 0 for _ in range(40)]
+    assert 0 < sum(flipped) < 40  # the default flips about half the time
+    kept = [data_list.train_transform(8, 8, crop_scale=1.0, flip=False)(image)[0, 0, 0] > 0 for _ in range(40)]
+    assert all(kept)
