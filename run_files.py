@@ -3,8 +3,9 @@
 A run named by --annotation writes its snapshots (``<snap_path><annotation>_<s>_<t>_iter_<N>``), the
 log ``<log_dir>/<annotation>.log``, TensorBoard events under ``<runs_dir>/<annotation>/`` and its
 final evaluation under ``<test_output_dir>/<annotation>_iter_<N>/`` (README: Long runs). A new run
-whose files exist stops unless --overwrite; a resumed run may not overwrite snapshots from later in
-the run it continues, which another branch of it wrote.
+stops unless --overwrite when a run of its name wrote a snapshot or a test output (a start that failed
+before either is rerun as it is); a resumed run may not overwrite snapshots from later in the run it
+continues, which another branch of it wrote.
 """
 import glob
 import os
@@ -49,35 +50,40 @@ def final_output_dir(args):
 
 
 def existing_outputs(args):
-    """(description, paths) of each kind of file of this run that is already on disk."""
+    """(kind, description, paths) of each kind of file of this run that is already on disk; kinds are
+    snapshots, log, tensorboard and test output."""
     found = []
     snapshots = sorted(checkpoint.existing_snapshots(args).values())
     if snapshots:
-        found.append((f"{len(snapshots)} snapshot(s) {checkpoint.snapshot_prefix(args)}*", snapshots))
-    for description, path in (("log", os.path.join(args.log_dir, f"{args.annotation}.log")),
-                              ("TensorBoard folder", os.path.join(args.runs_dir, args.annotation))):
+        found.append(("snapshots", f"{len(snapshots)} snapshot(s) {checkpoint.snapshot_prefix(args)}*", snapshots))
+    for kind, description, path in (("log", "log", os.path.join(args.log_dir, f"{args.annotation}.log")),
+                                    ("tensorboard", "TensorBoard folder", os.path.join(args.runs_dir, args.annotation))):
         if os.path.lexists(path):
-            found.append((f"{description} {path}", [path]))
+            found.append((kind, f"{description} {path}", [path]))
     outputs = sorted(glob.glob(os.path.join(glob.escape(args.test_output_dir), glob.escape(args.annotation))
                                + "_iter_[0-9]*"))
     if outputs:
-        found.append((f"test output {', '.join(outputs)}", outputs))
+        found.append(("test output", f"test output {', '.join(outputs)}", outputs))
     return found
 
 
 def clashes(args, start=None):
     """The paths this run would overwrite; a UsageError naming them unless --overwrite.
 
-    A new run (``start`` None) clashes with any file of a run of the same name; a run resumed at
-    iteration ``start`` with the snapshots from later in the run, and with its final test output.
+    A new run (``start`` None) clashes with the files of a run of the same name that wrote a snapshot or
+    a test output; a start that failed before either left nothing to protect. A run resumed at
+    iteration ``start`` clashes with the snapshots from later in the run, and with its final test output.
     """
     if start is None:
         found = existing_outputs(args)
-        if found and not args.overwrite:
+        if not any(kind in ("snapshots", "test output") for kind, _, _ in found):
+            # The new run appends to the failed start's log and replaces its TensorBoard folder.
+            return [path for kind, _, paths in found if kind == "tensorboard" for path in paths]
+        if not args.overwrite:
             raise UsageError(f"--annotation {args.annotation}: a run of that name exists ("
-                             + "; ".join(description for description, _ in found)
+                             + "; ".join(description for _, description, _ in found)
                              + "); pass --annotation NEW for a new run, or --overwrite to replace it")
-        return [path for _, paths in found for path in paths]
+        return [path for _, _, paths in found for path in paths]
     later = [path for iteration, path in sorted(checkpoint.existing_snapshots(args).items()) if iteration > start]
     found = later + ([final_output_dir(args)] if os.path.lexists(final_output_dir(args)) else [])
     if found and not args.overwrite:

@@ -210,3 +210,20 @@ def test_a_snapshot_from_a_machine_with_more_gpus_restores_on_this_one(monkeypat
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda value, device: restored.append(device))
     checkpoint.restore_rng_state(state)
     assert restored == [0]
+
+
+def test_a_failed_start_does_not_block_its_rerun(tmp_path, tiny_data, capsys):
+    # Bad input stops the run before any snapshot: fixed, the same command runs, no --overwrite needed.
+    train = tiny_data / "tiny" / "train.txt"
+    good = train.read_text()
+    lines = good.splitlines()
+    lines[3] = lines[3].rsplit(" ", 1)[0]  # a label missing
+    train.write_text("\n".join(lines) + "\n")
+    flags = tiny_train_flags(tmp_path, tiny_data, "--num_iters", "2")
+    code, err = cli(train_mmhh.main, flags, capsys)
+    assert code == 2 and "train.txt:4" in err
+    assert (tmp_path / "log" / "t.log").exists() and not snapshot(tmp_path, 2).exists()
+    train.write_text(good)
+    assert train_mmhh.main(flags) == 0 and snapshot(tmp_path, 2).exists()
+    # The failed start's lines stay: the rerun appends to the log.
+    assert (tmp_path / "log" / "t.log").read_text().count("similar-pair weight 1 (--similar_weight") == 2
