@@ -123,6 +123,7 @@ def score_codes(database_codes, database_labels, query_codes, query_labels, radi
     result.update({"dataset": None, "query_split": "test", "queries_in_database": None, **(context or {})})
     result.update(code_health.code_health(torch.as_tensor(database_codes)))
     result["convention"] = "mmhh" if opt_test else "deephash"
+    result["unlabelled_queries"] = int((torch.as_tensor(query_labels).sum(1) == 0).sum())
     result["headline"] = headline_metric(result, opt_test)
     log_report(result)
     warning = code_health.collapse_warning(result, result["num_database"], result["hash_bit"],
@@ -130,9 +131,20 @@ def score_codes(database_codes, database_labels, query_codes, query_labels, radi
     result["collapsed"] = warning is not None
     if warning:
         log.warning("warning: %s", warning)
+    if result["unlabelled_queries"]:
+        log.warning("warning: %s", unlabelled_queries_warning(result["unlabelled_queries"], result["num_queries"]))
     if output_dir:
         save_outputs(output_dir, result, database_codes, database_labels, query_codes, query_labels, paths)
     return result
+
+
+def unlabelled_queries_warning(count, num_queries):
+    """What queries with all-zero labels do to the MAPs: each is relevant to nothing (README: Data)."""
+    return (f"{count} of {num_queries} queries have all-zero labels and are relevant to nothing. MAP@H<=r, "
+            "deephash convention: such a query scores 0 when its ball is empty and is left out otherwise; mmhh "
+            "convention: left out when its ball is empty, 0 otherwise. MAP@TopK: left out (hashnet), 0 (mmhh). "
+            "These MAPs then move with how many of their balls are empty, not with retrieval quality; draw the "
+            "queries from labelled images (pre_process.py nuswide's default) or import lists without such rows")
 
 
 def headline_metric(result, opt_test):

@@ -18,6 +18,11 @@ from torch import Tensor
 DISTANCE_TYPES = ("MMHH", "MMHH_paper", "DCH", "HashNet")
 BATCH_TYPES = ("PairBatch", "BatchInitMem", "SemiMem")
 DCH_DISTANCES = ("cosine", "euclidean")
+# Which pairs DCH's similar weight #pairs / #similar counts: the whole matrix with its self-pairs, as DeepHash's
+# code counts before it masks the diagonal, or only the pairs the loss scores (README: Differences).
+DCH_BALANCES = ("deephash", "offdiagonal")
+# HashNet pairs two half-batches with each other only; "all" pairs every image of the batch with every other.
+HASHNET_PAIRINGS = ("halves", "all")
 # DeepHash's DCH adds this to its squared Euclidean distance, so coincident codes keep a finite loss.
 DEEPHASH_DISTANCE_OFFSET = 0.001
 
@@ -57,6 +62,19 @@ def parse_margin_params(text: str) -> MarginParams:
     return MarginParams(*values)
 
 
+def sigmoid_param_value(value: float | str, hash_bit: int) -> float:
+    """HashNet's σ for a code length from --sigmoid_param: a positive number, or 'C/K' for C / hash_bit."""
+    text = str(value)
+    try:
+        number = float(text[:-2] if text.endswith("/K") else text)
+    except ValueError:
+        number = -1.0
+    if not (math.isfinite(number) and number > 0):
+        raise ValueError(f"--sigmoid_param: cannot parse {text!r}; expected a positive number or C/K "
+                         "(C over the code length), e.g. 0.5 or 10/K")
+    return number / hash_bit if text.endswith("/K") else number
+
+
 class HashingLoss:
     """Pair loss of the chosen distance type plus λ times its quantization penalty.
 
@@ -65,12 +83,16 @@ class HashingLoss:
     """
 
     def __init__(self, distance_type: str, gamma: float, loss_lambda: float, similar_weight: float | str,
-                 margin: MarginParams, sigmoid_param: float, dch_distance: str = "cosine"):
+                 margin: MarginParams, sigmoid_param: float, dch_distance: str = "cosine",
+                 dch_balance: str = "offdiagonal"):
         if distance_type not in DISTANCE_TYPES:
             raise ValueError(f"unknown distance type {distance_type!r}; expected one of {', '.join(DISTANCE_TYPES)}")
         if dch_distance not in DCH_DISTANCES:
             raise ValueError(f"unknown DCH distance {dch_distance!r}; expected one of {', '.join(DCH_DISTANCES)}")
+        if dch_balance not in DCH_BALANCES:
+            raise ValueError(f"unknown DCH balance {dch_balance!r}; expected one of {', '.join(DCH_BALANCES)}")
         self.dch_distance = dch_distance
+        self.dch_balance = dch_balance
         self.distance_type = distance_type
         self.gamma = gamma
         self.loss_lambda = loss_lambda
@@ -79,10 +101,18 @@ class HashingLoss:
         self.sigmoid_param = sigmoid_param
 
     def __call__(self, h: Tensor, labels: Tensor, other_h: Tensor, other_labels: Tensor,
-                 exclude: Tensor | None = None) -> dict[str, Tensor]:
-        """Return {"total", "pair", "quantization"}; `exclude` (B, N) bool only affects DCH."""
-        similarity = label_similarity(labels, other_labels)  # (B, N)
-        pair = self._pair_loss(h, other_h, similarity, exclude)
+                 exclude: Tensor | None = None, halves: bool = False) -> dict[str, Tensor]:
+        """Return {"total", "pair", "quantization"}; `exclude` (B, N) bool only affects DCH.
+
+        `halves` (the batch paired with itself, B even) pairs the batch's first half with its second half
+        only, as HashNet's two half-batches, instead of `other_h`; the quantization still covers all of `h`.
+        """
+        anchors, anchor_labels = h, labels
+        if halves:
+            anchors, anchor_labels, other_h, other_labels = batch_halves(h, labels)
+            exclude = None  # the two halves hold different images
+        similarity = label_similarity(anchor_labels, other_labels)  # (B, N), or (B/2, B/2) in halves
+        pair = self._pair_loss(anchors, other_h, similarity, exclude)
         if self.distance_type == "DCH":
             quantization = cauchy_quantization(h, self.gamma)
         else:
@@ -96,7 +126,7 @@ class HashingLoss:
         if self.distance_type == "MMHH_paper":
             return mmhh_paper_pair_loss(h, other_h, similarity, self.similar_weight, self.margin.margin)
         if self.distance_type == "DCH":
-            return dch_pair_loss(h, other_h, similarity, self.gamma, exclude, self.dch_distance)
+            return dch_pair_loss(h, other_h, similarity, self.gamma, exclude, self.dch_distance, self.dch_balance)
         return hashnet_pair_loss(h, other_h, similarity, self.sigmoid_param, self.similar_weight)
 
 
@@ -233,14 +263,15 @@ def mmhh_paper_pair_loss(h: Tensor, h_other: Tensor, similarity: Tensor, similar
     return (weight * (similarity * similar_nll + (1 - similarity) * dissimilar_nll)).mean()
 
 
-def dch_pair_loss(h: Tensor, h_other: Tensor, similarity: Tensor, gamma: float,
-                  exclude: Tensor | None = None, distance_form: str = "cosine") -> Tensor:
+def dch_pair_loss(h: Tensor, h_other: Tensor, similarity: Tensor, gamma: float, exclude: Tensor | None = None,
+                  distance_form: str = "cosine", balance: str = "offdiagonal") -> Tensor:
     """Deep Cauchy Hashing: cross-entropy of p = γ / (γ + d).
 
-    Over the pairs not in `exclude` (B, N) bool: similar pairs weighted #pairs / #similar, dissimilar 1,
-    and the weighted sum divided by #pairs (0 when every pair is excluded). `distance_form` "cosine" is
-    the continuous Hamming distance K/2 (1 − cos); "euclidean" is DeepHash's DCH code: ‖h_i − h_j‖² +
-    0.001, about 4× the Hamming distance on near-binary codes, so the same γ means 4× less there.
+    Over the pairs not in `exclude` (B, N) bool: similar pairs weighted by `dch_similar_weight`, dissimilar
+    1, and the weighted sum divided by the number of those pairs (0 when every pair is excluded).
+    `distance_form` "cosine" is the continuous Hamming distance K/2 (1 − cos); "euclidean" is DeepHash's
+    DCH code: ‖h_i − h_j‖² + 0.001, about 4× the Hamming distance on near-binary codes, so the same γ
+    means 4× less there.
     """
     if distance_form == "euclidean":
         distance = squared_euclidean(h, h_other) + DEEPHASH_DISTANCE_OFFSET  # (B, N)
@@ -249,16 +280,24 @@ def dch_pair_loss(h: Tensor, h_other: Tensor, similarity: Tensor, gamma: float,
     similarity = similarity.to(distance.dtype)
     kept = torch.ones_like(similarity, dtype=torch.bool) if exclude is None else ~exclude  # (B, N)
     kept = kept.to(distance.dtype)
-    num_pairs = kept.sum()
-    num_similar = (similarity * kept).sum()
-    # Without a kept similar pair the similar weight multiplies nothing, so the clamp changes no value.
-    similar_weight = num_pairs / num_similar.clamp_min(1)
-    weight = kept * (1 - similarity + similarity * similar_weight)
+    weight = kept * (1 - similarity + similarity * dch_similar_weight(similarity, kept, balance))
     # −log p = log(1 + d/γ) and −log(1 − p) = log(1 + γ/d); d is clamped so coincident codes stay finite.
     similar_nll = torch.log1p(distance.clamp_min(0) / gamma)
     dissimilar_nll = torch.log1p(gamma / distance.clamp_min(LOG_EPS))
     nll = similarity * similar_nll + (1 - similarity) * dissimilar_nll
-    return (weight * nll).sum() / num_pairs.clamp_min(1)
+    return (weight * nll).sum() / kept.sum().clamp_min(1)
+
+
+def dch_similar_weight(similarity: Tensor, kept: Tensor, balance: str) -> Tensor:
+    """#pairs / #similar pairs, over the `kept` pairs ("offdiagonal") or over the whole (B, N) matrix, the
+    excluded self-pairs included ("deephash": DeepHash's DCH counts them, then masks the diagonal).
+
+    Self-pairs are similar unless the label row is all zero, so "deephash" weighs similar pairs less, and
+    the loss is lower, when similar pairs are rare.
+    """
+    counted = kept if balance == "offdiagonal" else torch.ones_like(kept)
+    # Without a counted similar pair the weight multiplies nothing, so the clamp changes no value.
+    return counted.sum() / (similarity * counted).sum().clamp_min(1)
 
 
 def hashnet_pair_loss(h: Tensor, h_other: Tensor, similarity: Tensor, sigmoid_param: float,
@@ -277,6 +316,12 @@ def hashnet_pair_loss(h: Tensor, h_other: Tensor, similarity: Tensor, sigmoid_pa
     weight = class_weights(similarity, similar_weight)
     num_similar = similarity.sum()
     return (weight * pair_loss).sum() / (similar_weight * num_similar + (similarity.numel() - num_similar))
+
+
+def batch_halves(h: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(B, K), (B, C) -> the first half's codes and labels, then the second half's: HashNet's two half-batches."""
+    half = h.shape[0] // 2
+    return h[:half], labels[:half], h[half:], labels[half:]
 
 
 def logcosh_quantization(h: Tensor) -> Tensor:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 RELEASE = "the MMHH release's README command"
 DEEPHASH = "DeepHash's DCH script and model (thuml/DeepHash)"
 HASHNET = "HashNet's PyTorch train.py (thuml/HashNet)"
+HASHNET_CAFFE = "HashNet's Caffe configurations (thuml/HashNet, models/train/*/train_val.prototxt)"
 
 
 @dataclass(frozen=True)
@@ -35,9 +36,12 @@ RECIPES = {
     "dch_deephash": {
         "distance_type": Setting("DCH", DEEPHASH),
         "dch_distance": Setting("euclidean", DEEPHASH + ": squared Euclidean distance (normed=False)"),
+        "dch_balance": Setting("deephash", DEEPHASH + ": #similar counted over the whole batch matrix, "
+                                                      "self-pairs included, then the diagonal masked"),
         "gamma": Setting(20.0, DEEPHASH),
         "loss_lambda": Setting(0.0, DEEPHASH + ": q_lambda 0"),
-        "lr": Setting(0.005, DEEPHASH),
+        "lr": Setting(0.005, DEEPHASH + "; its gradients of biases are scaled 2x, of the last layer's weights "
+                                        "10x and bias 20x, ours: hash layer 10x, the rest 1x (README: Differences)"),
         "lr_schedule_type": Setting("Stair_Step", DEEPHASH + ": decay step 10000 > 2000 iterations, so "
                                                            "the rate stays constant"),
         "decay_step": Setting(10000, DEEPHASH),
@@ -50,12 +54,19 @@ RECIPES = {
         "distance_type": Setting("HashNet", HASHNET),
         "image_loss_type": Setting("HashNet", HASHNET + ": tanh continuation"),
         "sigmoid_param": Setting(lambda args: 10.0 / args.hash_bit, HASHNET + ": σ = 10/K"),
-        "similar_weight_type": Setting("config", HASHNET + ": class_num, the dataset's preset"),
+        "similar_weight_type": Setting("config", "class_num, the dataset's preset, from " + HASHNET_CAFFE +
+                                       ": COCO 1, NUS-WIDE 5, ImageNet 100 (train.py takes it as a flag, 1.0 "
+                                       "in its README)"),
         "lr": Setting(3e-4, HASHNET),
         "lr_schedule_type": Setting("HashNet_Step", HASHNET + ": halved every 2000 iterations"),
         "weight_decay": Setting(5e-4, HASHNET),
-        "batch_size": Setting(72, HASHNET + ": two batches of 36, paired with each other"),
-        "num_iters": Setting(10000, HASHNET),
+        "batch_size": Setting(72, HASHNET + ": two independently shuffled batches of 36; here the two halves "
+                                            "of one shuffled batch of 72"),
+        "hashnet_pairing": Setting("halves", HASHNET + ": the loss pairs the first 36 with the second 36 "
+                                                       "only, 36 x 36 pairs"),
+        "num_iters": Setting(10000, HASHNET + "; its README evaluates snapshot iter_09000, the last it saves "
+                                              "(every 3,000 iterations, before the step): the weights after "
+                                              "9,000 updates"),
         "radius": Setting(2, "MAP@H<=2, the comparison's metric"),
     },
 }

@@ -112,6 +112,9 @@ def build_parser():
     model.add_argument("--crop_scale", type=float, default=0.08,
                        help="smallest area fraction of the training random resized crop (default 0.08, "
                             "torchvision's and HashNet's; 1.0 keeps the whole image)")
+    model.add_argument("--no_flip", action="store_true",
+                       help="no random horizontal flip in training (for images whose left and right mean "
+                            "different things, as the ordered composites of pre_process.py pairs)")
 
     objective = parser.add_argument_group("loss")
     objective.add_argument("--distance_type", default="MMHH", choices=["MMHH", "MMHH_paper", "DCH", "HashNet", "Hamming"],
@@ -121,8 +124,18 @@ def build_parser():
     objective.add_argument("--dch_distance", default="cosine", choices=list(loss.DCH_DISTANCES),
                            help="DCH's distance: cosine (continuous Hamming, K/2 (1 - cos)) or euclidean "
                                 "(squared, as DeepHash's code; the same γ means about 4x less there)")
+    objective.add_argument("--dch_balance", default="offdiagonal", choices=list(loss.DCH_BALANCES),
+                           help="DCH's similar-pair weight #pairs/#similar: counted over the pairs the loss "
+                                "scores (offdiagonal, default) or over the whole batch matrix, self-pairs "
+                                "included, as DeepHash's code (deephash)")
+    objective.add_argument("--hashnet_pairing", default="all", choices=list(loss.HASHNET_PAIRINGS),
+                           help="HashNet's in-batch pairs: every image with every other, self-pairs included "
+                                "(all, default), or the batch's first half with its second half only (halves, "
+                                "HashNet's two half-batches of 36)")
     objective.add_argument("--loss_lambda", type=float, default=0.1, help="λ of the quantization loss (default 0.1)")
-    objective.add_argument("--sigmoid_param", type=float, default=1.0, help="HashNet's inner-product scale")
+    objective.add_argument("--sigmoid_param", default="1",
+                           help="HashNet's inner-product scale σ: a number, or C/K for C over the code length "
+                                "(HashNet's is 10/K)")
     objective.add_argument("--similar_weight_type", "--similar_weight", dest="similar_weight_type", default="config",
                            help="similar-pair weight: 'config' (the dataset's preset), 'auto' "
                                 "(#dissimilar/#similar per pair matrix) or a number")
@@ -238,7 +251,7 @@ def run_training(args, explicit):
         start = restore_run(run, resumed) if resumed else initialise_run(run, args, train_paths, train_labels)
         train_set = data_list.ImageList(train_paths, train_labels,
                                         data_list.train_transform(args.resize_size, args.crop_size,
-                                                                  args.crop_scale),
+                                                                  args.crop_scale, flip=not args.no_flip),
                                         origins=data_list.line_origins(source.lists["train"]))
         loader = data_list.training_loader(train_set, args.batch_size, args.workers, args.seed, start,
                                            distributed.shard())
@@ -310,6 +323,7 @@ def finish_args(args):
         raise UsageError(f"--batch_params {args.batch_params!r}: the warm-up length, a whole number of iterations")
     check_evaluation_flags(args)
     check_parallel_flags(args)
+    check_hashnet_pairing(args)
     checks = [("--gamma", args.gamma > 0, "must be positive"),
               ("--semi_init_momentum", 0.0 <= args.semi_init_momentum <= 1.0, "must lie in [0, 1]"),
               ("--workers", args.workers >= 0, "must be 0 or more"),
@@ -321,6 +335,7 @@ def finish_args(args):
         resolve_similar_weight(args, source=None)
     try:
         loss.parse_margin_params(args.margin_params)
+        loss.sigmoid_param_value(args.sigmoid_param, args.hash_bit)
     except ValueError as error:  # its message names the flag
         raise UsageError(str(error)) from None
 
@@ -336,6 +351,18 @@ def check_parallel_flags(args):
     if args.sync_bn and distributed.active() and (args.gpu_id == "cpu" or not torch.cuda.is_available()):
         raise UsageError("--sync_bn: synchronised batch-norm needs CUDA GPUs; on the CPU each process normalises "
                          "with its own share of the batch (drop --sync_bn)")
+
+
+def check_hashnet_pairing(args):
+    """--hashnet_pairing halves splits the batch in two equal halves, for HashNet's loss."""
+    if args.hashnet_pairing != "halves":
+        return
+    if args.distance_type != "HashNet":
+        raise UsageError(f"--hashnet_pairing halves pairs HashNet's half-batches, but --distance_type is "
+                         f"{args.distance_type}; drop it or pass --hashnet_pairing all")
+    if args.batch_size % 2:
+        raise UsageError(f"--batch_size {args.batch_size}: --hashnet_pairing halves splits the batch into two "
+                         f"equal halves; use an even batch size")
 
 
 def check_evaluation_flags(args):
@@ -379,8 +406,9 @@ def build_run(args, source, train_labels, device, signals):
     # As released, HashNet's continuation comes without the quantization loss.
     loss_lambda = 0.0 if args.image_loss_type == "HashNet" else args.loss_lambda
     criterion = loss.HashingLoss(args.distance_type, args.gamma, loss_lambda, similar_weight,
-                                 loss.parse_margin_params(args.margin_params), args.sigmoid_param,
-                                 args.dch_distance)
+                                 loss.parse_margin_params(args.margin_params),
+                                 loss.sigmoid_param_value(args.sigmoid_param, args.hash_bit),
+                                 args.dch_distance, args.dch_balance)
     groups = model.parameter_groups()
     optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=0.9, weight_decay=args.weight_decay, nesterov=True)
     memory = loss.SemiBatchMemory(len(train_labels), args.hash_bit, train_labels.shape[1], args.batch_type,
@@ -516,7 +544,7 @@ def train_step(run, iteration, images, labels, indices):
     # The pair loss couples every pair of the global batch, and the memory must stay the same everywhere.
     h, labels, indices = distributed.global_batch(h, labels, indices, run.stop)  # (B, K), (B, C), (B,)
     other_h, other_labels, exclude = run.memory.partner_set(h, labels, indices, iteration)
-    parts = run.criterion(h, labels, other_h, other_labels, exclude)
+    parts = run.criterion(h, labels, other_h, other_labels, exclude, halves=pairs_halves(run, iteration))
     saturated, bit_balance = code_health.batch_health(h.detach())
     monitored = {**{name: value.detach() for name, value in parts.items()}, "saturated": saturated,
                  "bit_balance": bit_balance}
@@ -533,6 +561,11 @@ def train_step(run, iteration, images, labels, indices):
     run.memory.update(indices, h.detach(), iteration)
     values["lr"] = lr
     return values, h.detach()
+
+
+def pairs_halves(run, iteration):
+    """--hashnet_pairing halves: while the batch pairs with itself, its first half pairs with its second."""
+    return run.args.hashnet_pairing == "halves" and not run.memory.uses_memory(iteration)
 
 
 def log_progress(run, writer, iteration, parts, h, speed):

@@ -4,6 +4,7 @@ The unit-level check spawns two ranks that train a network without batch-norm on
 one process: losses, gradients, weights and the semi-batch memory must agree. The end-to-end checks launch
 train_mmhh.py with torchrun: one set of files, an exact resume, SIGTERM to every process, a dead process.
 """
+import json
 import os
 import signal
 import socket
@@ -11,11 +12,13 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
 from torch import nn
 
+import checkpoint
 import data_list
 import distributed
 import network
@@ -26,11 +29,13 @@ from conftest import tiny_train_flags, write_tiny_dataset
 from test_runs import REPO, snapshot, wait_for_progress
 
 STEPS = 4
-# One loss and memory schedule per distance type: in-batch pairs, the warm-up into the memory, the memory.
+# One loss and memory schedule per distance type: in-batch pairs, the warm-up into the memory, the memory;
+# and HashNet's half-batch pairing.
 CONFIGS = {
     "mmhh": ["--distance_type", "MMHH", "--batch_type", "BatchInitMem", "--batch_params", "2"],
     "dch": ["--distance_type", "DCH", "--batch_type", "SemiMem", "--semi_init_type", "RANDOM"],
     "hashnet": ["--distance_type", "HashNet", "--image_loss_type", "HashNet", "--similar_weight", "auto"],
+    "hashnet_halves": ["--distance_type", "HashNet", "--hashnet_pairing", "halves"],  # halves of the global batch
 }
 
 
@@ -46,12 +51,17 @@ def small_network(image_network, hash_bit, backbone=None, pretrained="none", con
     return network.HashNetwork(features, 32, hash_bit, continuation)
 
 
-def train_steps(rank, world_size, port, data_dir, out_dir):
-    """STEPS training steps of every CONFIG on this rank, and a flag mistake; saves what each rank saw."""
+def join_as_rank(rank, world_size, port):
+    """This spawned process as torchrun would start rank ``rank``, building the small network."""
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size))
-    network.build_network = small_network
+    network.build_network = checkpoint.build_network = small_network
+
+
+def train_steps(rank, world_size, port, data_dir, out_dir):
+    """STEPS training steps of every CONFIG on this rank, and a flag mistake; saves what each rank saw."""
+    join_as_rank(rank, world_size, port)
     with distributed.process_group(timeout_s=60):
         for name, flags in CONFIGS.items():
             torch.save(train_config(flags, data_dir), os.path.join(out_dir, f"{name}_{world_size}_{rank}.pt"))
@@ -108,6 +118,53 @@ def test_two_ranks_give_the_loss_gradients_weights_and_memory_of_one_process(tmp
     assert torch.load(tmp_path / "odd_batch_0.pt") == ("error: --batch_size 7: the global batch must split evenly "
                                                       "over the 2 processes; use a multiple of 2")
     assert torch.load(tmp_path / "odd_batch_1.pt") == "exit 2"
+
+
+def evaluation_flags(model_path, data_dir, output_dir):
+    return ["--model_path", str(model_path), "--data_dir", str(data_dir), "--workers", "0", "--gpu_id", "cpu",
+            "--batch_size", "4", "--log_dir", str(output_dir), "--output_path", str(output_dir)]
+
+
+def evaluate_on_rank(rank, world_size, port, model_path, data_dir, output_dir):
+    """test_mmhh.py's evaluation on this rank's share of the lists, as train_mmhh.py's final evaluation runs
+    under torchrun: rank 0 gathers the codes, scores them and writes metrics.json."""
+    join_as_rank(rank, world_size, port)
+    with distributed.process_group(timeout_s=60):
+        test_mmhh.main(evaluation_flags(model_path, data_dir, f"{output_dir}/rank{rank}"))
+
+
+def assert_same_figures(got, expected, where):
+    """Every number equal to 1e-6, every other value exactly, through nested dicts and lists."""
+    if isinstance(expected, dict):
+        assert got.keys() == expected.keys(), where
+        for key in expected:
+            assert_same_figures(got[key], expected[key], f"{where}: {key}")
+    elif isinstance(expected, list):
+        assert len(got) == len(expected), where
+        for index, (mine, theirs) in enumerate(zip(got, expected)):
+            assert_same_figures(mine, theirs, f"{where}[{index}]")
+    elif isinstance(expected, (int, float)) and not isinstance(expected, bool):
+        assert got == pytest.approx(expected, rel=1e-6, abs=1e-9, nan_ok=True), where
+    else:
+        assert got == expected, where
+
+
+def test_a_two_process_evaluation_gives_every_figure_of_one_process(tmp_path, tiny_data, monkeypatch):
+    monkeypatch.setattr(network, "build_network", small_network)
+    monkeypatch.setattr(checkpoint, "build_network", small_network)
+    assert train_mmhh.main(tiny_train_flags(tmp_path, tiny_data, "--num_iters", "2")) == 0
+    model_path = snapshot(tmp_path, 2)
+    assert test_mmhh.main(evaluation_flags(model_path, tiny_data, tmp_path / "alone")) == 0
+    mp.spawn(evaluate_on_rank, args=(2, free_port(), str(model_path), str(tiny_data), str(tmp_path / "two")),
+             nprocs=2)
+    alone, two = tmp_path / "alone", tmp_path / "two" / "rank0"
+    assert not (tmp_path / "two" / "rank1" / "metrics.json").exists()  # rank 0 alone scores and writes
+    expected, sharded = (json.loads((folder / "metrics.json").read_text()) for folder in (alone, two))
+    # Codes that do not collapse: database rows a missing combine left at zero would change the figures.
+    assert expected["distinct_codes"] >= 6 and expected["num_database"] == 18 and expected["num_queries"] == 9
+    assert_same_figures(sharded, expected, "metrics.json")
+    for name in ("database_code", "test_code", "database_labels", "test_labels"):
+        np.testing.assert_allclose(np.load(two / f"{name}.npy"), np.load(alone / f"{name}.npy"), rtol=0, atol=1e-6)
 
 
 def test_each_rank_takes_its_slice_of_the_single_process_batch():

@@ -191,6 +191,19 @@ def test_dch_in_batch_with_diagonal_excluded():
     assert loss.item() == pytest.approx(expected, rel=1e-12)
 
 
+def test_dch_deephash_balance_counts_the_self_pairs_before_masking_them():
+    # DeepHash's weight: 9 entries of the 3x3 matrix, 5 similar (the 2 off-diagonal ones and the 3 self-pairs)
+    # -> 9/5; the loss still averages the 6 off-diagonal pairs: d01 = d12 = 1 dissimilar, d02 = 2 similar.
+    expected = (4 * -math.log(1 - 2 / 3) + 2 * 9 / 5 * -math.log(1 / 2)) / 6
+    s = label_similarity(t(L), t(L))
+    loss = dch_pair_loss(t(H), t(H), s, gamma=2.0, exclude=torch.eye(3, dtype=torch.bool), balance="deephash")
+    assert loss.item() == pytest.approx(expected, rel=1e-12)
+    criterion = HashingLoss("DCH", 2.0, 0.0, 1.0, MarginParams(), 1.0, dch_balance="deephash")
+    assert criterion(t(H), t(L), t(H), t(L), torch.eye(3, dtype=torch.bool))["pair"].item() == pytest.approx(expected)
+    with pytest.raises(ValueError, match="unknown DCH balance"):
+        HashingLoss("DCH", 2.0, 0.0, 1.0, MarginParams(), 1.0, dch_balance="diagonal")
+
+
 def test_dch_without_exclusion_matches_hand_computation():
     pairs = hand_pairs(H, L, O, LO)
     similar_weight = len(pairs) / sum(s for _, s, _ in pairs)
@@ -240,6 +253,21 @@ def test_hashnet_pair_loss_matches_hand_computation(similar_weight, resolved):
     s = label_similarity(t(L), t(LO))
     loss = hashnet_pair_loss(t(H), t(O), s, sigmoid_param, similar_weight)
     assert loss.item() == pytest.approx(total / count, rel=1e-12)
+
+
+def test_halves_pair_the_first_half_of_the_batch_with_the_second_only():
+    # HashNet's pairing: anchors H[0], H[1] against partners O[0], O[1]; the quantization covers all four rows.
+    h, labels = torch.cat([t(H[:2]), t(O[:2])]), torch.cat([t(L[:2]), t(LO[:2])])
+    sigmoid_param = 0.5
+    total, count = 0.0, 0.0
+    for _, s, dot in hand_pairs(H[:2], L[:2], O[:2], LO[:2]):  # 4 pairs, 1 similar; every θ below 15
+        theta = sigmoid_param * dot
+        total += (2.0 if s else 1.0) * (math.log(1 + math.exp(theta)) - s * theta)
+        count += 2.0 if s else 1.0
+    criterion = HashingLoss("HashNet", 2.0, 0.25, 2.0, MarginParams(), sigmoid_param)
+    out = criterion(h, labels, h, labels, torch.eye(4, dtype=torch.bool), halves=True)
+    assert out["pair"].item() == pytest.approx(total / count, rel=1e-12)
+    assert out["quantization"].item() == pytest.approx(logcosh_quantization(h).item(), rel=1e-12)
 
 
 def test_hashnet_is_finite_for_huge_inner_products():
