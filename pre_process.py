@@ -4,8 +4,10 @@ noisy-label and unseen-class protocols from built lists, and validate lists.
 Every builder writes DATA_DIR/NAME/{train,test,database}.txt (``path l1 ... lC``, 0/1 labels; paths
 relative to the list's folder, or to the ``data_root`` of DATA_DIR/NAME/dataset.json) and that
 dataset.json (sizes, retrieval presets, source command, seed, protocol). All random choices are
-seeded by --seed, so the same command writes the same lists. The COCO and NUS-WIDE builders follow
-HashNet's published lists by default (--protocol); `import` takes such lists as they are.
+seeded by --seed, so the same command writes the same lists. The COCO builder follows HashNet's
+published lists by default, NUS-WIDE-81 draws its queries from labelled images as the release's
+evaluation does, CIFAR-10 makes DCH's split (--protocol names the others); `import` takes published lists
+as they are.
 
 Examples:
   python pre_process.py fashion_mnist
@@ -14,6 +16,7 @@ Examples:
       --database_list database.txt --image_root /data/coco2014
   python pre_process.py noise --dataset fashion_mnist --rate 0.3
   python pre_process.py unseen --dataset nuswide_21 --unseen_ratio 0.25
+  python pre_process.py pairs --dataset fashion_mnist [--multilabel]
   python pre_process.py validate --dataset fashion_mnist
 """
 import argparse
@@ -44,7 +47,22 @@ IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
 # Split sizes and their defaults: so many a class (DHN's recipe) or random draws (HashNet's).
 PER_CLASS_SIZES = {"num_queries_per_class": 100, "num_train_per_class": 500}
 RANDOM_SIZES = {"num_queries": 5000, "num_train": 10000}
-NUSWIDE_SIZES = {"hashnet": RANDOM_SIZES, "dhn": PER_CLASS_SIZES}
+NUSWIDE_SIZES = {"labelled_queries": RANDOM_SIZES, "hashnet": RANDOM_SIZES, "dhn": PER_CLASS_SIZES}
+# What each NUS-WIDE protocol follows, printed when the lists are built (README: Data).
+NUSWIDE_PROTOCOLS = {
+    "labelled_queries": "queries drawn from the labelled images only, as the DeepHash query list the MMHH "
+                        "release evaluates on; training images from all the others, unlabelled ones kept, as "
+                        "HashNet's train.txt the release trains on; the release's own lists need "
+                        "`pre_process.py import`",
+    "hashnet": "HashNet's draw: queries and training images from all images, unlabelled ones kept",
+    "dhn": "DHN's draw (Zhu et al. AAAI 2016): unlabelled images dropped, queries and training images per "
+           "concept",
+}
+# DeepHash-pytorch's three CIFAR-10 protocols (its names cifar10, cifar10-1, cifar10-2; README: Data).
+CIFAR10_SIZES = {"disjoint": PER_CLASS_SIZES, "train_in_database": PER_CLASS_SIZES,
+                 "train_is_database": {"num_queries_per_class": 1000, "num_train_per_class": 5000}}
+# Composites of each ordered class pair in each split of `pairs`: 100 pairs give 1,000 / 10,000 / 20,000.
+PAIRS_SIZES = {"num_queries_per_pair": 10, "num_train_per_pair": 100, "num_database_per_pair": 200}
 # How many unmappable lines `import` prints before counting the rest.
 MAX_REPORTED = 20
 
@@ -99,10 +117,15 @@ def parse_args(argv):
                   "CIFAR-10 as dataset 'cifar10' from the python-version batches (data_batch_1..5, "
                   "test_batch). The 60,000 images are pooled and written as images/NNNNN.png. "
                   "Queries: --num_queries_per_class a class; train: --num_train_per_class a class "
-                  "from the rest; database: the rest after queries and train (1,000 / 5,000 / "
-                  "54,000 by default), so train and database do not overlap.")
+                  "from the rest. Database, by --protocol (DeepHash-pytorch's three): disjoint "
+                  "(default, DCH's; DeepHash-pytorch's cifar10): the rest after queries and train, "
+                  "1,000 / 5,000 / 54,000; train_in_database (cifar10-1): every image but the "
+                  "queries, 1,000 / 5,000 / 59,000; train_is_database (cifar10-2): the training "
+                  "images, 1,000 queries and 5,000 training images a class, 10,000 / 50,000 / 50,000.")
     sub.add_argument("--root", required=True, help="folder holding data_batch_1..5 and test_batch")
-    add_sizes(sub, PER_CLASS_SIZES)
+    sub.add_argument("--protocol", choices=tuple(CIFAR10_SIZES), default="disjoint",
+                     help="which images make up the database, and the default sizes (default: disjoint)")
+    add_protocol_sizes(sub, CIFAR10_SIZES)
 
     sub = command("coco", build_coco, [data, seeded], "build 'coco_80' from MS-COCO 2014",
                   "MS-COCO 2014 as dataset 'coco_80'. Images of train2014 and val2014 are pooled; "
@@ -125,8 +148,15 @@ def parse_args(argv):
     sub = command("nuswide", build_nuswide, [data, seeded], "build 'nuswide_21' or 'nuswide_81'",
                   "NUS-WIDE as dataset 'nuswide_21' or 'nuswide_81'. Labels: the 21 most frequent "
                   "concepts (ties: Concepts81.txt order) or all 81, as columns in Concepts81.txt "
-                  "order. --protocol hashnet, as in HashNet's published NUS-WIDE-81 lists, which "
-                  "the MMHH release trains on: --num_queries random images are the queries and "
+                  "order. Images listed but missing under --root are counted, reported and left out. "
+                  "--protocol labelled_queries, as the MMHH release evaluates: --num_queries random "
+                  "images among those with at least one concept are the queries (the release's query "
+                  "list, DeepHash's, has no unlabelled image) and --num_train random other images, "
+                  "unlabelled ones included, the training set (as HashNet's train.txt, which the "
+                  "release trains on); database: every image but the queries (5,000 / 10,000 / the "
+                  "rest); the release's exact lists need `pre_process.py import`. "
+                  "--protocol hashnet, as in HashNet's published NUS-WIDE-81 lists: --num_queries "
+                  "random images are the queries and "
                   "--num_train random other images the training set, drawn from every image, "
                   "including those with none of the concepts (HashNet's lists keep them: 2,185 of "
                   "its 10,000 training rows are all zero); database: every image but the queries, "
@@ -135,9 +165,9 @@ def parse_args(argv):
                   "for each concept in column order, --num_queries_per_class images having it are "
                   "drawn among those not drawn yet (the queries; 2,100 for 21 concepts), then "
                   "likewise --num_train_per_class a concept among the non-queries (train; 10,500); "
-                  "database: every image but the queries. Default: hashnet with 81 concepts, dhn "
-                  "with 21, because HashNet's published 21-concept lists (pytorch/data/nus_wide) "
-                  "hold 2,100 queries and 10,500 training images, DHN's sizes. data_root is the "
+                  "database: every image but the queries. Default: labelled_queries with 81 "
+                  "concepts, dhn with 21, because HashNet's published 21-concept lists "
+                  "(pytorch/data/nus_wide) hold 2,100 queries and 10,500 training images, DHN's sizes. data_root is the "
                   "absolute NUS-WIDE root; an image is images/<folder>/<file>, the last two "
                   "components of its ImageList/Imagelist.txt line.")
     sub.add_argument("--root", required=True,
@@ -146,10 +176,9 @@ def parse_args(argv):
     sub.add_argument("--concepts", type=int, choices=(21, 81), required=True,
                      help="21: the 21 most frequent concepts (nuswide_21); 81: all (nuswide_81)")
     sub.add_argument("--protocol", choices=tuple(NUSWIDE_SIZES), default=None,
-                     help="how queries, train and database are drawn (default: hashnet with "
+                     help="how queries, train and database are drawn (default: labelled_queries with "
                           "--concepts 81, dhn with --concepts 21)")
-    add_sizes(sub, RANDOM_SIZES, protocol="hashnet")
-    add_sizes(sub, PER_CLASS_SIZES, "concept", protocol="dhn")
+    add_protocol_sizes(sub, NUSWIDE_SIZES, "concept")
 
     sub = command("imagenet100", build_imagenet100, [data, seeded], "build 'imagenet_100' from ImageNet",
                   "ImageNet classes as dataset 'imagenet_100'. Queries: every val image of the "
@@ -183,6 +212,28 @@ def parse_args(argv):
     split.add_argument("--unseen_classes", type=class_indices, default=None,
                        help="explicit unseen label columns, e.g. 0,3,7")
 
+    sub = command("pairs", build_pairs, [data, seeded, workers],
+                  "composites of two Fashion-MNIST images: 'fashion_mnist_pairs' or '_pairs_ml'",
+                  "Each image is two Fashion-MNIST images side by side (28x56), written as "
+                  "images/<left>_<right>.png (indices in the pooled IDX files, train then t10k). "
+                  "fashion_mnist_pairs: one label a composite, the ordered pair of its classes (100 "
+                  "classes, about 1% similar pairs: extreme imbalance, as ImageNet-100); with "
+                  "--multilabel, fashion_mnist_pairs_ml: the union of the two classes (10 labels, one "
+                  "or two set: similarity as COCO and NUS-WIDE). Every ordered class pair gets the "
+                  "same number of composites in each split, and no source image is used twice, so "
+                  "queries, train and database come from disjoint images (1,000 / 10,000 / 20,000 "
+                  "by default). The same --seed gives the same composites in both variants.")
+    sub.add_argument("--dataset", choices=("fashion_mnist",), required=True,
+                     help="the source of the halves (only fashion_mnist)")
+    sub.add_argument("--multilabel", action="store_true",
+                     help="label a composite with the union of its two classes (fashion_mnist_pairs_ml)")
+    sub.add_argument("--root", default="/usr/share/datasets/fashion-mnist",
+                     help="folder of the four Fashion-MNIST IDX files, plain or .gz (default: %(default)s)")
+    sub.add_argument("--no_download", action="store_true", help="never try to download the IDX files")
+    for name, default in PAIRS_SIZES.items():
+        sub.add_argument(f"--{name}", type=non_negative_int, default=default,
+                         help=f"{name.split('_')[1]} composites of each ordered class pair (default: {default})")
+
     sub = command("import", import_lists, [data], "dataset NAME from published list files",
                   "Turn published HashNet-format lists (HashNet's, DeepHash's) into dataset "
                   "DATA_DIR/NAME. Their paths were written on another machine: each line is mapped "
@@ -213,6 +264,10 @@ def parse_args(argv):
     sub.add_argument("--into", default=None, metavar="NEW",
                      help="leave NAME as it is and write the carved dataset as DATA_DIR/NEW (its images "
                           "stay where NAME's are)")
+    sub.add_argument("--database", choices=("parent", "train"), default="parent",
+                     help="with --into: NEW's database is NAME's (parent, the default) or NEW's remaining "
+                          "training list (train: for protocols whose database holds other classes than "
+                          "training, as unseen, so that validation queries have relevant items)")
 
     sub = command("validate", validate, [data, workers], "check a dataset's lists and images",
                   "Check lists: every line parses (a format error stops that list at its first bad "
@@ -227,27 +282,38 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-def add_sizes(sub, sizes, unit="class", protocol=None):
-    """A flag for each split size; one of a ``protocol`` has no default until that protocol is chosen."""
-    what = {"num_queries": "random images drawn as queries",
+def add_sizes(sub, sizes, unit="class"):
+    """A flag for each split size, with its default."""
+    for name, default in sizes.items():
+        sub.add_argument(f"--{name}", type=non_negative_int, default=default,
+                         help=f"{size_help(name, unit)} (default: {default})")
+
+
+def add_protocol_sizes(sub, sizes_by_protocol, unit="class"):
+    """A flag for each split size of any --protocol; left unset, it takes the chosen protocol's default."""
+    for name in dict.fromkeys(name for sizes in sizes_by_protocol.values() for name in sizes):
+        defaults = ", ".join(f"{sizes[name]} with --protocol {protocol}"
+                             for protocol, sizes in sizes_by_protocol.items() if name in sizes)
+        sub.add_argument(f"--{name}", type=non_negative_int, default=None,
+                         help=f"{size_help(name, unit)} (default: {defaults})")
+
+
+def size_help(name, unit):
+    return {"num_queries": "random images drawn as queries",
             "num_train": "random images, not queries, drawn for training",
             "num_queries_per_class": f"queries a {unit}",
-            "num_train_per_class": f"training images a {unit}"}
-    scope = f"--protocol {protocol}; " if protocol else ""
-    for name, default in sizes.items():
-        sub.add_argument(f"--{name}", type=non_negative_int, default=None if protocol else default,
-                         help=f"{what[name]} ({scope}default: {default})")
+            "num_train_per_class": f"training images a {unit}"}[name]
 
 
 def protocol_sizes(args, sizes_by_protocol):
-    """The split sizes of ``args.protocol``, flag or default; a size flag of another protocol is an error."""
-    for protocol, sizes in sizes_by_protocol.items():
-        stray = [name for name in sizes if getattr(args, name) is not None]
-        if protocol != args.protocol and stray:
-            raise PreProcessError(f"--{stray[0]} sets a size of --protocol {protocol}, not of --protocol "
-                                  f"{args.protocol}; drop it or pass --protocol {protocol}")
-    return [default if getattr(args, name) is None else getattr(args, name)
-            for name, default in sizes_by_protocol[args.protocol].items()]
+    """The split sizes of ``args.protocol``, flag or default; a size flag of other protocols only is an error."""
+    chosen = sizes_by_protocol[args.protocol]
+    for name in dict.fromkeys(name for sizes in sizes_by_protocol.values() for name in sizes):
+        if name not in chosen and getattr(args, name) is not None:
+            owners = [protocol for protocol, sizes in sizes_by_protocol.items() if name in sizes]
+            raise PreProcessError(f"--{name} sets a size of --protocol {' or '.join(owners)}, not of --protocol "
+                                  f"{args.protocol}; drop it or pass --protocol {owners[0]}")
+    return [default if getattr(args, name) is None else getattr(args, name) for name, default in chosen.items()]
 
 
 # ---------------------------------------------------------------- builders
@@ -276,15 +342,24 @@ def build_cifar10(args):
     folder = os.path.join(args.data_dir, "cifar10")
     write_pngs(os.path.join(folder, "images"), pixels, args.workers)
     rng = np.random.default_rng(args.seed)
-    queries, train = sample_per_class(classes, len(names),
-                                      (args.num_queries_per_class, args.num_train_per_class), rng)
-    database = np.setdiff1d(np.arange(len(classes)), np.concatenate([queries, train]))
+    queries, train = sample_per_class(classes, len(names), protocol_sizes(args, CIFAR10_SIZES), rng)
+    database = cifar10_database(args.protocol, len(classes), queries, train)
     splits = {"train": train, "test": queries, "database": database}
     lists = {split: list_text(png_names(index), one_hot(classes[index], len(names)))
              for split, index in splits.items()}
     write_dataset(args, "cifar10", lists, dataset_record(
-        args, "cifar10", len(names), splits, root=args.root, label_names=names))
+        args, "cifar10", len(names), splits, root=args.root, label_names=names,
+        protocol={"type": args.protocol}))
     return 0
+
+
+def cifar10_database(protocol, count, queries, train):
+    """The database of a CIFAR10_SIZES protocol: the training images (train_is_database), or every image but
+    the queries (train_in_database) or but the queries and the training images (disjoint)."""
+    if protocol == "train_is_database":
+        return train
+    left_out = queries if protocol == "train_in_database" else np.concatenate([queries, train])
+    return np.setdiff1d(np.arange(count), left_out)
 
 
 def build_coco(args):
@@ -304,16 +379,24 @@ def build_coco(args):
 
 
 def build_nuswide(args):
-    """NUS-WIDE with 21 or 81 concepts, split as HashNet's lists (random) or DHN (per concept)."""
-    args.protocol = args.protocol or ("hashnet" if args.concepts == 81 else "dhn")
+    """NUS-WIDE with 21 or 81 concepts: labelled queries, HashNet's random draw or DHN's per concept."""
+    args.protocol = args.protocol or ("labelled_queries" if args.concepts == 81 else "dhn")
     sizes = protocol_sizes(args, NUSWIDE_SIZES)
+    print(f"protocol {args.protocol}: {NUSWIDE_PROTOCOLS[args.protocol]}")
     paths, labels, names = read_nuswide(args.root)
+    # The concepts are chosen on every listed image, whichever of them this copy holds.
     columns = (np.arange(len(names)) if args.concepts == 81
                else np.sort(np.argsort(-labels.sum(0), kind="stable")[:21]))
     labels, names = labels[:, columns], [names[c] for c in columns]
+    listed = len(paths)
+    paths, labels = drop_missing_images(args.root, paths, labels)
+    missing = listed - len(paths)
     rng = np.random.default_rng(args.seed)
-    if args.protocol == "hashnet":
-        queries, train = draw_queries_and_train(len(paths), *sizes, rng, f"NUS-WIDE images under {args.root}")
+    images = f"NUS-WIDE images under {args.root}"
+    if args.protocol == "labelled_queries":
+        queries, train = draw_queries_and_train(len(paths), *sizes, rng, images, np.flatnonzero(labels.any(1)))
+    elif args.protocol == "hashnet":
+        queries, train = draw_queries_and_train(len(paths), *sizes, rng, images)
     else:
         kept = np.flatnonzero(labels.any(1))
         paths, labels = [paths[i] for i in kept], labels[kept]
@@ -323,7 +406,8 @@ def build_nuswide(args):
     name = f"nuswide_{args.concepts}"
     write_dataset(args, name, lists, dataset_record(
         args, name, len(columns), splits, root=args.root, data_root=os.path.abspath(args.root),
-        label_names=names, protocol={"type": args.protocol}))
+        label_names=names, protocol={"type": args.protocol, "listed_images": listed,
+                                     "missing_images": missing}))
     return 0
 
 
@@ -406,6 +490,94 @@ def build_unseen(args):
     return 0
 
 
+def build_pairs(args):
+    """Composites of two Fashion-MNIST images, labelled by their class pair or by the union of the classes."""
+    pixels, classes = read_fashion_mnist(args.root, download=not args.no_download)
+    num_classes = len(FASHION_MNIST_CLASSES)
+    per_pair = {"test": args.num_queries_per_pair, "train": args.num_train_per_pair,
+                "database": args.num_database_per_pair}
+    halves = draw_composites(classes, num_classes, per_pair, np.random.default_rng(args.seed))
+    name = "fashion_mnist_pairs_ml" if args.multilabel else "fashion_mnist_pairs"
+    folder = os.path.join(args.data_dir, name)
+    names = {split: [f"images/{left:05d}_{right:05d}.png" for left, right in zip(*pair)]
+             for split, pair in halves.items()}
+    write_composites(folder, pixels, halves, names, args.workers)
+    labels = {split: pair_labels(classes[left], classes[right], num_classes, args.multilabel)
+              for split, (left, right) in halves.items()}
+    label_names = (list(FASHION_MNIST_CLASSES) if args.multilabel else
+                   [f"{a} | {b}" for a in FASHION_MNIST_CLASSES for b in FASHION_MNIST_CLASSES])
+    protocol = {"type": "pairs", "source": "fashion_mnist", "multilabel": args.multilabel,
+                "composites_per_class_pair": per_pair, "seed": args.seed,
+                "similar_pair_fraction": {split: similar_pair_fraction(labels[split]) for split in SPLITS}}
+    lists = {split: list_text(names[split], labels[split]) for split in SPLITS}
+    write_dataset(args, name, lists, dataset_record(args, name, labels["train"].shape[1], names, root=args.root,
+                                                    label_names=label_names, protocol=protocol))
+    print(f"similar pairs among the training images: {protocol['similar_pair_fraction']['train']:.2%}")
+    return 0
+
+
+def draw_composites(classes, num_classes, per_pair, rng):
+    """(left, right) source indices of each split's composites, per_pair[split] for every ordered class
+    pair, in a seeded order; each source image serves at most one composite of one split."""
+    stock = [rng.permutation(np.flatnonzero(classes == c)) for c in range(num_classes)]
+    needed = 2 * num_classes * sum(per_pair.values())
+    if min(len(images) for images in stock) < needed:
+        raise PreProcessError(f"the splits need {needed} images of every class (each class is the left and the "
+                              f"right half of {num_classes} class pairs), but a class has only "
+                              f"{min(len(images) for images in stock)}; lower --num_*_per_pair")
+    used = [0] * num_classes
+
+    def take(c, count):
+        used[c] += count
+        return stock[c][used[c] - count:used[c]]
+
+    halves = {}
+    for split, count in per_pair.items():
+        pairs = [(take(a, count), take(b, count)) for a in range(num_classes) for b in range(num_classes)]
+        order = rng.permutation(count * num_classes ** 2)
+        halves[split] = tuple(np.concatenate(side)[order] for side in zip(*pairs))
+    return halves
+
+
+def pair_labels(left_classes, right_classes, num_classes, multilabel):
+    """One-hot of the ordered pair (a * C + b), or the union of the two one-hot classes."""
+    if multilabel:
+        return one_hot(left_classes, num_classes) | one_hot(right_classes, num_classes)
+    return one_hot(left_classes * num_classes + right_classes, num_classes ** 2)
+
+
+def similar_pair_fraction(labels):
+    """Share of ordered image pairs (i, j), i = j included, that share a label."""
+    rows, counts = np.unique(labels, axis=0, return_counts=True)
+    similar = (rows.astype(np.int64) @ rows.T.astype(np.int64)) > 0
+    return float(counts @ similar @ counts) / len(labels) ** 2
+
+
+def write_composites(folder, pixels, halves, names, workers):
+    """Write each composite (left | right, 28x56) once; existing PNGs of the right size are kept, since a
+    name says which two images it holds."""
+    tasks = []
+    for split, (left, right) in halves.items():
+        for start in range(0, len(left), 2000):
+            chunk = slice(start, start + 2000)
+            tasks.append((folder, names[split][chunk], pixels[left[chunk]], pixels[right[chunk]]))
+    os.makedirs(os.path.join(folder, "images"), exist_ok=True)
+    written = sum(map_with_progress(write_composite_chunk, tasks, workers, "composite chunks written", chunksize=1))
+    total = sum(len(left) for left, _ in halves.values())
+    print(f"images in {os.path.join(folder, 'images')}: {written} written, {total - written} already there")
+
+
+def write_composite_chunk(task):
+    folder, names, left, right = task
+    written = 0
+    for name, image in zip(names, np.concatenate([left, right], axis=2)):
+        path = os.path.join(folder, name)
+        if not png_matches(path, image):
+            write_bytes_atomically(path, png_bytes(image), durable=False)
+            written += 1
+    return written
+
+
 def carve_validation(args):
     """Move a seeded choice of training lines into val.txt; train.txt keeps the others.
 
@@ -420,6 +592,9 @@ def carve_validation(args):
     if os.path.exists(os.path.join(folder, "val.txt")):
         raise PreProcessError(f"{os.path.join(folder, 'val.txt')} already exists; the training list is already "
                               "carved (rebuild the dataset, or carve a copy with --into NEW)")
+    if args.database == "train" and not args.into:
+        raise PreProcessError("--database train replaces the database list, so it needs --into NEW; NAME's own "
+                              "lists stay as they are")
     read_list(train_path, None)  # a clear file:line error before anything moves
     with open(train_path, encoding="utf-8") as handle:
         lines = [line if line.endswith("\n") else line + "\n" for line in handle if line.strip()]
@@ -434,11 +609,15 @@ def carve_validation(args):
     if args.into:
         record.update(name=args.into, data_root=os.path.relpath(spec.data_root or spec.folder, folder))
         os.makedirs(folder)
-        for split in ("test", "database"):
+        for split in ("test", "database")[:2 if args.database == "parent" else 1]:
             shutil.copyfile(require_list(spec, split), os.path.join(folder, f"{split}.txt"))
     record.setdefault("sizes", {}).update({"train": int((~chosen).sum()), "val": size})
+    if args.database == "train":
+        write_bytes_atomically(os.path.join(folder, "database.txt"),
+                               "".join(l for l, c in zip(lines, chosen) if not c).encode())
+        record["sizes"]["database"] = int((~chosen).sum())
     record["val"] = {"size": size, "carved_from": train_path, "carved_from_lines": len(lines),
-                     "seed": args.seed, "command": args.command_line}
+                     "seed": args.seed, "command": args.command_line, "database": args.database}
     # val.txt first: until train.txt is replaced an interrupted run leaves both, and a rerun refuses
     write_bytes_atomically(os.path.join(folder, "val.txt"), "".join(l for l, c in zip(lines, chosen) if c).encode())
     write_bytes_atomically(os.path.join(folder, "dataset.json"), (json.dumps(record, indent=2) + "\n").encode())
@@ -930,6 +1109,22 @@ def read_nuswide(root):
     return paths, labels, names
 
 
+def drop_missing_images(root, paths, labels):
+    """The listed images that are files under ``root``, with their labels; the others are reported.
+
+    HashNet's copy of NUS-WIDE (nus_wide.tar.gz) holds about 223,000 of the 269,648 images listed.
+    """
+    present = np.array([os.path.isfile(os.path.join(root, path)) for path in paths], dtype=bool)
+    missing = len(paths) - int(present.sum())
+    if missing == len(paths):
+        raise PreProcessError(f"none of the {len(paths)} images listed in {root}/ImageList/Imagelist.txt is "
+                              f"under {root}/images/<folder>/<file>; check --root")
+    if missing:
+        print(f"{missing} of the {len(paths)} images listed in {root}/ImageList/Imagelist.txt are missing under "
+              f"{root}/images: left out")
+    return [path for path, here in zip(paths, present) if here], labels[present]
+
+
 def read_lines(path):
     try:
         with open(path, encoding="utf-8", errors="replace") as handle:
@@ -983,12 +1178,16 @@ def sample_per_class(classes, num_classes, counts, rng):
     return [np.sort(np.concatenate(draw)) for draw in draws]
 
 
-def draw_queries_and_train(count, num_queries, num_train, rng, images):
-    """HashNet's draw: random queries, then random training images among the rest (sorted indices)."""
+def draw_queries_and_train(count, num_queries, num_train, rng, images, query_pool=None):
+    """HashNet's draw: random queries (among ``query_pool``, default every image), then random training images
+    among the rest (sorted indices)."""
     if num_queries + num_train > count:
         raise PreProcessError(f"--num_queries {num_queries} + --num_train {num_train} exceed the {count} "
                               f"{images}; lower them")
-    queries = np.sort(rng.choice(count, num_queries, replace=False))
+    pool = np.arange(count) if query_pool is None else query_pool
+    if num_queries > len(pool):
+        raise PreProcessError(f"--num_queries {num_queries} exceeds the {len(pool)} labelled {images}; lower it")
+    queries = np.sort(rng.choice(pool, num_queries, replace=False))
     train = np.sort(rng.choice(np.setdiff1d(np.arange(count), queries), num_train, replace=False))
     return queries, train
 

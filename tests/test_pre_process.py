@@ -237,6 +237,31 @@ def test_cifar10_disjoint_splits(tmp_path):
     assert list_texts(tmp_path / "again", "cifar10") == first
     assert run("cifar10", "--data_dir", tmp_path / "other", "--seed", 3, *flags) == 0
     assert list_texts(tmp_path / "other", "cifar10")["train"] != first["train"]
+    assert json.load(open(os.path.join(data_dir, "cifar10", "dataset.json")))["protocol"] == {"type": "disjoint"}
+
+
+@pytest.mark.parametrize("protocol, per_class, sizes", [
+    ("train_in_database", (1, 2), {"train": 20, "test": 10, "database": 30}),  # DeepHash-pytorch's cifar10-1
+    ("train_is_database", (1, 3), {"train": 30, "test": 10, "database": 30}),  # its cifar10-2
+])
+def test_cifar10_protocols_with_training_images_in_the_database(tmp_path, protocol, per_class, sizes):
+    root = make_cifar_root(tmp_path / "cifar-10-batches-py")
+    assert run("cifar10", "--root", root, "--data_dir", tmp_path, "--workers", 1, "--protocol", protocol,
+               "--num_queries_per_class", per_class[0], "--num_train_per_class", per_class[1]) == 0
+    _, lists = read_lists(tmp_path, "cifar10")
+    assert {s: len(p) for s, (p, _) in lists.items()} == sizes
+    train, test, database = (set(lists[split][0]) for split in ("train", "test", "database"))
+    assert not test & database and not test & train
+    assert train <= database if protocol == "train_in_database" else train == database
+    assert len(train | test | database) == 40  # every image of the fixture is used
+    assert json.load(open(os.path.join(tmp_path, "cifar10", "dataset.json")))["protocol"] == {"type": protocol}
+
+
+@pytest.mark.parametrize("protocol, sizes", [("disjoint", [100, 500]), ("train_in_database", [100, 500]),
+                                             ("train_is_database", [1000, 5000])])
+def test_cifar10_protocol_default_sizes(protocol, sizes):
+    args = pre_process.parse_args(["cifar10", "--root", "r", "--protocol", protocol])
+    assert pre_process.protocol_sizes(args, pre_process.CIFAR10_SIZES) == sizes  # 1,000 / 5,000 or 10,000 / 50,000
 
 
 @pytest.mark.parametrize("protocol", ["hashnet", "disjoint"])
@@ -308,7 +333,8 @@ def test_nuswide_dhn_per_concept_sampling(tmp_path, concepts):
     assert not set(lists["test"][0]) & set(lists["database"][0])
     assert spec.topk == 5000 and spec.similar_weight == 5.0
     info = json.load(open(os.path.join(data_dir, name, "dataset.json")))
-    assert info["label_names"] == [names[c] for c in columns] and info["protocol"] == {"type": "dhn"}
+    assert info["label_names"] == [names[c] for c in columns]
+    assert info["protocol"] == {"type": "dhn", "listed_images": 300, "missing_images": 0}
     assert lists["test"][0][0].startswith(os.path.join(os.path.abspath(root), "images", "concept0"))
     assert_images_open(lists)
     # a listed image carries exactly its concepts from the label files
@@ -323,9 +349,8 @@ def test_nuswide_dhn_per_concept_sampling(tmp_path, concepts):
 def test_nuswide_hashnet_random_draw_keeps_unlabelled_images(tmp_path, concepts):
     root, labels, _ = make_nuswide_root(str(tmp_path / "nuswide"))
     data_dir = tmp_path / "data"
-    protocol = ["--protocol", "hashnet"] if concepts == 21 else []  # hashnet is the default for 81
     assert run("nuswide", "--root", root, "--concepts", concepts, "--num_queries", 20, "--num_train", 40,
-               "--data_dir", data_dir, *protocol) == 0
+               "--data_dir", data_dir, "--protocol", "hashnet") == 0
     name = f"nuswide_{concepts}"
     _, lists = read_lists(data_dir, name)
     train, test, database = (set(lists[split][0]) for split in ("train", "test", "database"))
@@ -338,17 +363,54 @@ def test_nuswide_hashnet_random_draw_keeps_unlabelled_images(tmp_path, concepts)
     zero_rows = sum(int((lists[split][1].sum(1) == 0).sum()) for split in ("test", "database"))
     assert zero_rows == unlabelled  # every image is a query or in the database, none dropped
     info = json.load(open(os.path.join(data_dir, name, "dataset.json")))
-    assert info["protocol"] == {"type": "hashnet"}
+    assert info["protocol"] == {"type": "hashnet", "listed_images": 300, "missing_images": 0}
+
+
+def test_nuswide_81_default_draws_queries_from_labelled_images_only(tmp_path, capsys):
+    root, labels, _ = make_nuswide_root(str(tmp_path / "nuswide"))
+    unlabelled = int((~labels.any(1)).sum())
+    assert unlabelled == 5  # the fixture's first five images
+    # 200 of 300 queries: a draw from every image would take an unlabelled one with probability 0.996
+    assert run("nuswide", "--root", root, "--concepts", 81, "--num_queries", 200, "--num_train", 90,
+               "--data_dir", tmp_path) == 0
+    assert "protocol labelled_queries: queries drawn from the labelled images only" in capsys.readouterr().out
+    _, lists = read_lists(tmp_path, "nuswide_81")
+    assert {s: len(p) for s, (p, _) in lists.items()} == {"train": 90, "test": 200, "database": 100}
+    assert lists["test"][1].any(1).all()
+    assert int((lists["database"][1].sum(1) == 0).sum()) == 5  # the unlabelled images stay in the database
+    train, test, database = (set(lists[split][0]) for split in ("train", "test", "database"))
+    assert train <= database and not test & database
+    info = json.load(open(os.path.join(tmp_path, "nuswide_81", "dataset.json")))
+    assert info["protocol"]["type"] == "labelled_queries"
+    assert run("nuswide", "--root", root, "--concepts", 81, "--num_queries", 296, "--num_train", 0,
+               "--data_dir", tmp_path / "more") == 2
+    assert "--num_queries 296 exceeds the 295 labelled NUS-WIDE images under" in capsys.readouterr().err
+
+
+def test_nuswide_leaves_out_and_counts_listed_images_missing_on_disk(tmp_path, capsys):
+    root, _, _ = make_nuswide_root(str(tmp_path / "nuswide"), count=40)
+    gone = [os.path.join(root, "images", f"concept0{i % 7}", f"{i:04d}_{1000 + i}.jpg") for i in (6, 13, 20)]
+    for path in gone:
+        os.remove(path)
+    assert run("nuswide", "--root", root, "--concepts", 81, "--num_queries", 5, "--num_train", 10,
+               "--data_dir", tmp_path) == 0
+    assert "3 of the 40 images listed in" in capsys.readouterr().out
+    _, lists = read_lists(tmp_path, "nuswide_81")
+    assert len(lists["test"][0]) + len(lists["database"][0]) == 37
+    assert not set(gone) & {path for paths, _ in lists.values() for path in paths}
+    info = json.load(open(os.path.join(tmp_path, "nuswide_81", "dataset.json")))
+    assert (info["protocol"]["listed_images"], info["protocol"]["missing_images"]) == (40, 3)
 
 
 def test_nuswide_refuses_the_size_flags_of_the_other_protocol(tmp_path, capsys):
     root, _, _ = make_nuswide_root(str(tmp_path / "nuswide"), count=20)
     flags = ["--root", root, "--data_dir", tmp_path / "d"]
     assert run("nuswide", "--concepts", 81, "--num_queries_per_class", 1, *flags) == 2
-    assert ("--num_queries_per_class sets a size of --protocol dhn, not of --protocol hashnet"
+    assert ("--num_queries_per_class sets a size of --protocol dhn, not of --protocol labelled_queries"
             in capsys.readouterr().err)
     assert run("nuswide", "--concepts", 21, "--num_train", 5, *flags) == 2
-    assert "--num_train sets a size of --protocol hashnet, not of --protocol dhn" in capsys.readouterr().err
+    assert ("--num_train sets a size of --protocol labelled_queries or hashnet, not of --protocol dhn"
+            in capsys.readouterr().err)
     assert run("nuswide", "--concepts", 81, *flags) == 2
     assert "--num_queries 5000 + --num_train 10000 exceed the 20 NUS-WIDE images" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "d")
@@ -586,3 +648,68 @@ def test_unusable_input_exits_2(fashion, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         run("noise", "--dataset", "fashion_mnist", "--rate", 1.5)
     assert exit_.value.code == 2 and "--rate: 1.5 is not a fraction" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- pairs (extreme imbalance, multi-label)
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    """Both pairs variants over a 1,300-image fixture: 1 query, 2 train, 3 database composites a class pair."""
+    base = tmp_path_factory.mktemp("pairs")
+    root = make_fashion_root(str(base / "raw"), per_class=(100, 30))
+    data_dir = base / "data"
+    sizes = ("--num_queries_per_pair", 1, "--num_train_per_pair", 2, "--num_database_per_pair", 3)
+    for variant in ((), ("--multilabel",)):
+        assert run("pairs", "--dataset", "fashion_mnist", "--root", root, "--data_dir", data_dir, "--workers", 1,
+                   "--no_download", *sizes, *variant) == 0
+    return root, data_dir
+
+
+def test_pairs_composites_are_two_images_labelled_by_their_ordered_class_pair(pairs):
+    root, data_dir = pairs
+    spec, lists = read_lists(data_dir, "fashion_mnist_pairs")
+    pixels, classes = pre_process.read_fashion_mnist(root, download=False)
+    sources = {}
+    for split, per_pair in (("test", 1), ("train", 2), ("database", 3)):
+        paths, labels = lists[split]
+        assert labels.shape == (100 * per_pair, 100) and (labels.sum(1) == 1).all()
+        assert (labels.sum(0) == per_pair).all()  # every ordered class pair equally often
+        halves = np.array([[int(i) for i in os.path.basename(p)[:-4].split("_")] for p in paths])
+        assert (labels.argmax(1) == classes[halves[:, 0]] * 10 + classes[halves[:, 1]]).all()
+        sources[split] = set(halves.ravel())
+        assert len(sources[split]) == 2 * len(paths)  # no source image twice
+        with Image.open(paths[0]) as image:
+            assert image.size == (56, 28)
+            assert (np.asarray(image) == np.hstack([pixels[halves[0, 0]], pixels[halves[0, 1]]])).all()
+    assert not (sources["test"] & sources["train"] or sources["test"] & sources["database"]
+                or sources["train"] & sources["database"])
+    record = json.load(open(os.path.join(data_dir, "fashion_mnist_pairs", "dataset.json")))
+    assert record["protocol"]["type"] == "pairs" and record["protocol"]["similar_pair_fraction"]["train"] == 0.01
+    assert record["label_names"][12] == "Trouser | Pullover" and record["topk"] == 1000
+    assert run("validate", "--dataset", "fashion_mnist_pairs", "--data_dir", data_dir, "--workers", 1) == 0
+
+
+def test_pairs_multilabel_are_the_same_composites_labelled_with_both_classes(pairs):
+    _, data_dir = pairs
+    _, single = read_lists(data_dir, "fashion_mnist_pairs")
+    _, multi = read_lists(data_dir, "fashion_mnist_pairs_ml")
+    for split in ("train", "test", "database"):
+        assert [os.path.basename(p) for p in multi[split][0]] == [os.path.basename(p) for p in single[split][0]]
+        pair_class = single[split][1].argmax(1)
+        expected = np.zeros((len(pair_class), 10), dtype=int)
+        expected[np.arange(len(pair_class)), pair_class // 10] = 1
+        expected[np.arange(len(pair_class)), pair_class % 10] = 1
+        assert (multi[split][1] == expected).all()
+    record = json.load(open(os.path.join(data_dir, "fashion_mnist_pairs_ml", "dataset.json")))
+    labels = multi["train"][1].astype(int)
+    assert record["protocol"]["similar_pair_fraction"]["train"] == pytest.approx(((labels @ labels.T) > 0).mean())
+    assert run("validate", "--dataset", "fashion_mnist_pairs_ml", "--data_dir", data_dir, "--workers", 1) == 0
+
+
+def test_pairs_with_too_few_images_a_class_names_the_flags(pairs, tmp_path, capsys):
+    root, _ = pairs
+    assert run("pairs", "--dataset", "fashion_mnist", "--root", root, "--data_dir", tmp_path, "--no_download",
+               "--num_database_per_pair", 10) == 2
+    err = capsys.readouterr().err
+    assert "need 2400 images of every class" in err and "has only 130" in err and "--num_*_per_pair" in err
+    assert not os.path.exists(tmp_path / "fashion_mnist_pairs")
