@@ -5,9 +5,9 @@
 
 Every cell (method x bits x seed) trains with train_mmhh.py in its own folder DIR/cells/<cell>/ and
 evaluates at the end; its result.json records the flags it ran with. A rerun skips the finished cells,
-redoes the failed or interrupted ones, and stops before training anything when a finished cell ran with
-other flags than the command's (--redo_changed redoes those). Flags compare.py does not know are passed
-to every run; `--method_flags DCH="--gamma 10"` adds flags to one method's runs. The results go to
+resumes an interrupted one from its last snapshot, redoes the failed ones, and stops before training
+anything when a finished cell ran with other flags than the command's (--redo_changed redoes those).
+Flags compare.py does not know are passed to every run; `--method_flags DCH="--gamma 10"` adds flags to one method's runs. The results go to
 DIR/results.csv, DIR/table.md and DIR/map_vs_bits.png, rewritten after every cell.
 """
 import argparse
@@ -104,10 +104,12 @@ def main(argv=None):
         if result and result["status"] == "ok" and cell not in changed:
             print(f"[{number}/{len(cells)}] {cell_name(*cell)}: done before, skipped", flush=True)
         else:
+            snapshot = None if cell in changed or (result or {}).get("status") == "failed" else \
+                latest_snapshot(cell_folder(args, *cell))
             reason = (f"its flags changed ({changed[cell]})" if cell in changed else
                       f"it was {result['status']} before" if result else
                       "it stopped before writing its result" if os.path.isdir(cell_folder(args, *cell)) else None)
-            result = run_cell(args, *cell, redo_reason=reason)
+            result = run_cell(args, *cell, redo_reason=reason, resume_from=snapshot, earlier=result)
             timed.append(result["seconds"])
             print(progress_line(number, cells, cell, result, started, timed), flush=True)
         results[cell] = result
@@ -143,21 +145,35 @@ def read_result(folder):
         return None
 
 
-def run_cell(args, method, bits, seed, redo_reason=None):
-    """Train and evaluate one cell in its own folder; its result.json records how it ended and its flags."""
+def latest_snapshot(folder):
+    """The last snapshot an interrupted cell wrote, or None (train_mmhh.py names them ..._iter_<NNNNN>)."""
+    found = glob.glob(os.path.join(glob.escape(folder), "snapshot", "*_iter_[0-9][0-9][0-9][0-9][0-9]"))
+    return max(found, key=lambda path: int(path.rsplit("_", 1)[1])) if found else None
+
+
+def run_cell(args, method, bits, seed, redo_reason=None, resume_from=None, earlier=None):
+    """Train and evaluate one cell in its own folder; its result.json records how it ended and its flags.
+
+    An interrupted cell with a snapshot resumes from it (``resume_from``); any other redo starts over.
+    """
     folder = cell_folder(args, method, bits, seed)
-    if redo_reason:
+    if resume_from:
+        print(f"resuming {cell_name(method, bits, seed)} from {os.path.basename(resume_from)}: {redo_reason}",
+              flush=True)
+    elif redo_reason:
         print(f"redoing {cell_name(method, bits, seed)}: {redo_reason}", flush=True)
         shutil.rmtree(folder)
-    os.makedirs(folder)
-    command = cell_command(args, method, bits, seed, folder)
+    os.makedirs(folder, exist_ok=bool(resume_from))
+    command = cell_command(args, method, bits, seed, folder) + (["--resume", resume_from] if resume_from else [])
     start = time.perf_counter()
-    with open(os.path.join(folder, "train.log"), "w", encoding="utf-8") as log:
+    with open(os.path.join(folder, "train.log"), "a" if resume_from else "w", encoding="utf-8") as log:
         log.write(shlex.join(command) + "\n")
         log.flush()
         returncode, stderr, signalled = run_forwarding_signals(command, log)
         log.write(stderr)
-    result = {"method": method, "bits": bits, "seed": seed, "seconds": round(time.perf_counter() - start, 1),
+    # A resumed cell's time includes the time its interrupted part took.
+    seconds = time.perf_counter() - start + (earlier or {}).get("seconds", 0.0) * bool(resume_from)
+    result = {"method": method, "bits": bits, "seed": seed, "seconds": round(seconds, 1),
               "recipe": method_recipe(args, method), "flags": cell_flags(args, method),
               "command": shlex.join(command)}
     if returncode == 0:

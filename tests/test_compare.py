@@ -1,6 +1,8 @@
 """compare.py on tiny data: the cells, the CSV, the table and the plot, skipping and failed cells."""
 import csv
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -155,3 +157,23 @@ def test_a_rerun_with_other_flags_stops_before_training_and_redo_changed_redoes(
     assert "MMHH_16bit_seed0: done before, skipped" in out
     assert "redoing DCH_16bit_seed0: its flags changed (then: 10; now: 5)" in out
     assert "--gamma 5" in rows(tmp_path)[1]["flags"]
+
+
+def test_an_interrupted_cell_resumes_from_its_last_snapshot_to_the_same_result(tmp_path, tiny_data, capsys):
+    assert run_compare(tmp_path, tiny_data, "--methods", "MMHH", "--snapshot-interval", "3") == 0
+    finished = rows(tmp_path)[0]
+    cell = tmp_path / "cmp" / "cells" / "MMHH_16bit_seed0"
+    # As a stop at iteration 3..5 leaves it: the snapshot of iteration 3, no final snapshot or evaluation.
+    for path in (cell / "snapshot").glob("*_iter_00006"):
+        path.unlink()
+    for path in (cell / "test_output").iterdir():
+        shutil.rmtree(path)
+    result = json.loads((cell / "result.json").read_text())
+    (cell / "result.json").write_text(json.dumps({**result, "status": "interrupted"}))
+    assert run_compare(tmp_path, tiny_data, "--methods", "MMHH", "--snapshot-interval", "3") == 0
+    assert "resuming MMHH_16bit_seed0 from MMHH_16bit_seed0_tiny_tiny_iter_00003: it was interrupted before" \
+        in capsys.readouterr().out
+    assert "--resume" in (cell / "train.log").read_text()
+    again = rows(tmp_path)[0]
+    assert again["status"] == "ok" and again["map_radius_deephash"] == finished["map_radius_deephash"]
+    assert float(again["seconds"]) > float(finished["seconds"])  # the interrupted part's time counts
