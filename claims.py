@@ -1,0 +1,289 @@
+"""Test the paper's claims on Fashion-MNIST: five protocols, each method tuned on validation, three seeds.
+
+    python claims.py data        # build the protocols' datasets and their validation copies
+    python claims.py tune        # per protocol: each method's lr grid, then its knob at the best lr
+    python claims.py table       # per protocol: every method at its choice, seeds 0 1 2, test queries
+    python claims.py ablation    # the semi-batch memory modes on fashion_mnist_pairs at 48 bits
+    python claims.py report      # claims/report.md: every table, from what has finished so far
+
+Every stage runs compare.py, so every stage resumes: rerun the same command after an interruption.
+--protocols and --methods narrow a stage, and two stages may run side by side on other protocols or
+methods. The choices of `tune` go to claims/<protocol>/tune/<method>/choice.json, which `table` reads
+(README, "The paper's claims").
+"""
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass, field
+
+from result_tables import can_win, cell_summary, cell_text, read_results
+from runtime import UsageError, run_cli, write_text_atomically
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+PYTHON = sys.executable
+
+
+@dataclass(frozen=True)
+class Protocol:
+    dataset: str          # the table's dataset: training list, test queries, database
+    tune_dataset: str     # its copy with validation queries carved from the training list
+    build: list           # (dataset, pre_process.py arguments) that make both, in order
+    flags: list = field(default_factory=list)  # training flags the protocol needs
+
+
+def built(dataset, *arguments):
+    return dataset, list(arguments)
+
+
+def carved(dataset, size, *extra):
+    return built(f"{dataset}_tune", "val", "--dataset", dataset, "--size", str(size), "--into", f"{dataset}_tune",
+                 *extra)
+
+
+PROTOCOLS = {
+    "clean": Protocol("fashion_mnist", "fashion_mnist_tune",
+                      [built("fashion_mnist", "fashion_mnist"), carved("fashion_mnist", 500)]),
+    "noise0.4": Protocol("fashion_mnist_noise0.4", "fashion_mnist_noise0.4_tune",
+                         [built("fashion_mnist_noise0.2", "noise", "--dataset", "fashion_mnist", "--rate", "0.2"),
+                          built("fashion_mnist_noise0.4", "noise", "--dataset", "fashion_mnist", "--rate", "0.4"),
+                          carved("fashion_mnist_noise0.4", 500)]),
+    # 3 of the 10 classes unseen: 2 (the default ratio's) would leave a two-class retrieval task. Its
+    # validation queries are seen classes, so they are scored against the remaining training images.
+    "unseen": Protocol("fashion_mnist_unseen0.3", "fashion_mnist_unseen0.3_tune",
+                       [built("fashion_mnist_unseen0.3", "unseen", "--dataset", "fashion_mnist",
+                              "--unseen_ratio", "0.3"),
+                        carved("fashion_mnist_unseen0.3", 500, "--database", "train")]),
+    # A flip swaps the halves of a composite, which changes its ordered pair's class: no flips, in either.
+    "pairs": Protocol("fashion_mnist_pairs", "fashion_mnist_pairs_tune",
+                      [built("fashion_mnist_pairs", "pairs", "--dataset", "fashion_mnist"),
+                       carved("fashion_mnist_pairs", 1000)], ["--no_flip"]),
+    "pairs_ml": Protocol("fashion_mnist_pairs_ml", "fashion_mnist_pairs_ml_tune",
+                         [built("fashion_mnist_pairs_ml", "pairs", "--dataset", "fashion_mnist", "--multilabel"),
+                          carved("fashion_mnist_pairs_ml", 1000)], ["--no_flip"]),
+}
+METHODS = ["MMHH", "MMHH_paper", "DCH", "HashNet"]
+BITS = ["16", "48"]
+SEEDS = ["0", "1", "2"]
+# Every cell: ResNet18 from scratch on 28-pixel images, 800 iterations, one optimiser (the demo's).
+TRAINING = ["--image_network", "ResNetFc", "--backbone", "ResNet18", "--pretrained", "none", "--resize_size", "28",
+            "--crop_size", "28", "--crop_scale", "1.0", "--num_iters", "800", "--workers", "0", "--gpu_id", "cpu",
+            "--print_every", "100", "--lr_schedule_type", "Stair_Step", "--decay_step", "300",
+            "--weight_decay", "5e-4", "--batch_size", "48"]
+LRS = ["0.0025", "0.005", "0.01"]
+# Each method's main knob: its recipe's value, then the second value tried at the best lr.
+KNOBS = {"MMHH": ("--similar_weight", "1", "auto"), "MMHH_paper": ("--similar_weight", "1", "auto"),
+         "DCH": ("--gamma", "20", "10"), "HashNet": ("--sigmoid_param", "10/K", "5/K")}
+# The ablation: MMHH at its pairs choice of lr, each batch type at similar weight 1 and at the class
+# imbalance (the dataset's preset, 100: ImageNet-100's).
+BATCH_TYPES = ["PairBatch", "BatchInitMem", "SemiMem"]
+ABLATION_WEIGHTS = ["1", "config"]
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("stage", choices=("data", "tune", "table", "ablation", "report"))
+    parser.add_argument("--protocols", nargs="+", default=list(PROTOCOLS), choices=list(PROTOCOLS))
+    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS,
+                        help="methods to tune (default: all); table and report always take all four")
+    parser.add_argument("--output", default="claims", help="folder of every stage's outputs (default claims)")
+    parser.add_argument("--data_dir", default="data", help="folder of the dataset folders (default data)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    stage = {"data": build_data, "tune": tune, "table": table, "ablation": ablation, "report": report}
+    return stage[args.stage](args)
+
+
+def build_data(args):
+    """Each protocol's datasets, skipping those already built."""
+    for name in args.protocols:
+        for dataset, arguments in PROTOCOLS[name].build:
+            if os.path.exists(os.path.join(args.data_dir, dataset, "database.txt")):
+                print(f"{dataset}: built before, kept")
+                continue
+            subprocess.run([PYTHON, os.path.join(REPO, "pre_process.py"), *arguments, "--data_dir", args.data_dir],
+                           check=True)
+    return 0
+
+
+def compare(args, dataset, output, methods, bits, seeds, flags, method_flags=None):
+    """Run (or resume) one compare.py table; its exit status (1 when a cell failed)."""
+    command = [PYTHON, os.path.join(REPO, "compare.py"), "--dataset", dataset, "--data_dir", args.data_dir,
+               "--methods", *methods, "--bits", *bits, "--seeds", *seeds, "--output", output, *TRAINING, *flags]
+    for method, extra in (method_flags or {}).items():
+        command += ["--method_flags", f"{method}={extra}"]
+    print(f"claims: {' '.join(command[1:])}", flush=True)
+    status = subprocess.run(command).returncode
+    if status not in (0, 1):
+        raise SystemExit(status)  # interrupted, or refused (flags changed): stop the stage here
+    return status
+
+
+def tune(args):
+    """Each method's lr on the validation queries, then its knob's second value at that lr."""
+    for name in args.protocols:
+        protocol = PROTOCOLS[name]
+        flags = [*protocol.flags, "--eval_split", "val"]
+        for method in args.methods:
+            folder = os.path.join(args.output, name, "tune", method)
+            for lr in LRS:
+                compare(args, protocol.tune_dataset, os.path.join(folder, f"lr{lr}"), [method], BITS, ["0"],
+                        [*flags, "--lr", lr])
+            lr = best_setting(folder, [f"lr{lr}" for lr in LRS], method)[len("lr"):]
+            knob, first, second = KNOBS[method]
+            compare(args, protocol.tune_dataset, os.path.join(folder, "knob"), [method], BITS, ["0"],
+                    [*flags, "--lr", lr, knob, second])
+            won = best_setting(folder, [f"lr{lr}", "knob"], method)
+            choice = {"flags": f"--lr {lr} {knob} {second if won == 'knob' else first}"}
+            write_text_atomically(os.path.join(folder, "choice.json"), json.dumps(choice, indent=1) + "\n")
+            print(f"claims: {name}: {method} chose {choice['flags']}", flush=True)
+    return 0
+
+
+def best_setting(folder, settings, method):
+    """Of a method's tuning tables, the one with the best mean MAP@H<=2 (deephash) over the code lengths;
+    a setting whose codes collapsed at any length loses to every one whose codes did not."""
+    def score(setting):
+        rows = read_results(os.path.join(folder, setting, "results.csv"))
+        summaries = [cell_summary(rows, method, int(bits), "map_radius_deephash") for bits in BITS]
+        if not all(s["n"] for s in summaries):
+            raise UsageError(f"{folder}/{setting}: {method} has unfinished cells; rerun the stage")
+        return (all(can_win(s) for s in summaries), sum(s["mean_std"][0] for s in summaries) / len(BITS))
+    return max(settings, key=score)  # the first of equal scores: the grid's order
+
+
+def read_choices(args, name):
+    """{method: {"flags": ...}} of the methods tuned for a protocol (each in tune/<method>/choice.json)."""
+    choices = {}
+    for method in METHODS:
+        try:
+            with open(os.path.join(args.output, name, "tune", method, "choice.json"), encoding="utf-8") as handle:
+                choices[method] = json.load(handle)
+        except FileNotFoundError:
+            pass
+    return choices
+
+
+def table(args):
+    """Every method at its choice, three seeds, on the protocol's test queries."""
+    failed = 0
+    for name in args.protocols:
+        choices = read_choices(args, name)
+        missing = [m for m in METHODS if m not in choices]
+        if missing:
+            raise UsageError(f"{name}: no tuned choice for {', '.join(missing)}; run `python claims.py tune "
+                             f"--protocols {name}` first")
+        protocol = PROTOCOLS[name]
+        failed |= compare(args, protocol.dataset, os.path.join(args.output, name, "table"), METHODS, BITS,
+                          SEEDS, protocol.flags, {m: choices[m]["flags"] for m in METHODS})
+    return failed
+
+
+def ablation(args):
+    """MMHH on fashion_mnist_pairs at 48 bits: each batch type at two similar weights, three seeds."""
+    choice = read_choices(args, "pairs").get("MMHH")
+    if not choice:
+        raise UsageError("no tuned MMHH choice for pairs; run `python claims.py tune --protocols pairs "
+                         "--methods MMHH` first")
+    lr = choice["flags"].split()[1]
+    failed = 0
+    for batch_type in BATCH_TYPES:
+        for weight in ABLATION_WEIGHTS:
+            failed |= compare(args, PROTOCOLS["pairs"].dataset,
+                              os.path.join(args.output, "ablation", f"{batch_type}_w{weight}"), ["MMHH"], ["48"],
+                              SEEDS, [*PROTOCOLS["pairs"].flags, "--lr", lr, "--batch_type", batch_type,
+                                      "--similar_weight", weight])
+    return failed
+
+
+def report(args):
+    """claims/report.md: the tuning, the five-protocol table and the ablation, from what has finished."""
+    parts = ["# The paper's claims on Fashion-MNIST\n", report_preamble()]
+    parts.append(main_table(args))
+    for name in args.protocols:
+        parts.append(tuning_table(args, name))
+    parts.append(ablation_table(args))
+    path = os.path.join(args.output, "report.md")
+    write_text_atomically(path, "\n".join(parts))
+    print(f"wrote {path}")
+    return 0
+
+
+def report_preamble():
+    return (f"Every cell trains with `{shlex.join(TRAINING)}` and the protocol's flags (`--no_flip` for the "
+            f"pairs), each method's lr from {', '.join(LRS)} and then its knob chosen on validation queries "
+            "carved from the protocol's training list (seed 0). Cells: MAP@H<=2 (deephash convention: empty "
+            "balls count 0), mean ± sample standard deviation over the finished seeds, n of them; bold: the "
+            "best complete cell of a column with no collapsed seed.\n")
+
+
+def main_table(args):
+    header = "| method | " + " | ".join(f"{p} {b}" for p in args.protocols for b in BITS) + " |"
+    rows = [header, "|---" * (len(args.protocols) * len(BITS) + 1) + "|"]
+    summaries = {}
+    for name in args.protocols:
+        path = os.path.join(args.output, name, "table", "results.csv")
+        results = read_results(path) if os.path.exists(path) else []
+        for method in METHODS:
+            for bits in BITS:
+                summaries[method, name, bits] = cell_summary(results, method, int(bits), "map_radius_deephash")
+    for method in METHODS:
+        cells = []
+        for name in args.protocols:
+            for bits in BITS:
+                summary = summaries[method, name, bits]
+                if not summary["asked"]:
+                    cells.append("not run")
+                    continue
+                rivals = [summaries[m, name, bits]["mean_std"][0] for m in METHODS
+                          if can_win(summaries[m, name, bits])]
+                best = can_win(summary) and summary["mean_std"][0] == max(rivals)
+                cells.append(f"**{cell_text(summary)}**" if best else cell_text(summary))
+        rows.append(f"| {method} | " + " | ".join(cells) + " |")
+    chosen = "; ".join(f"{name}: " + ", ".join(f"{m} `{c['flags']}`" for m, c in read_choices(args, name).items())
+                       for name in args.protocols if read_choices(args, name))
+    return ("## MAP@H<=2 on the test queries\n\n" + "\n".join(rows) + "\n\nChosen on validation: "
+            + (chosen or "nothing tuned yet") + ".\n")
+
+
+def tuning_table(args, name):
+    settings = [f"lr{lr}" for lr in LRS] + ["knob"]
+    rows = ["| method | " + " | ".join(f"{s} {b}" for s in settings for b in BITS) + " | chosen |",
+            "|---" * (len(settings) * len(BITS) + 2) + "|"]
+    choices = read_choices(args, name)
+    for method in METHODS:
+        cells = []
+        for setting in settings:
+            path = os.path.join(args.output, name, "tune", method, setting, "results.csv")
+            results = read_results(path) if os.path.exists(path) else []
+            for bits in BITS:
+                summary = cell_summary(results, method, int(bits), "map_radius_deephash")
+                cells.append(cell_text(summary) if summary["asked"] else "not run")
+        chosen = f"`{choices[method]['flags']}`" if method in choices else "not yet"
+        rows.append(f"| {method} | " + " | ".join(cells) + f" | {chosen} |")
+    knobs = ", ".join(f"{m} `{KNOBS[m][0]} {KNOBS[m][2]}`" for m in METHODS)
+    return (f"## Tuning on {PROTOCOLS[name].tune_dataset} (validation queries, seed 0)\n\nThe knob column: "
+            f"at the method's best lr, {knobs}.\n\n" + "\n".join(rows) + "\n")
+
+
+def ablation_table(args):
+    rows = ["| batch type | " + " | ".join(f"similar weight {w}" for w in ABLATION_WEIGHTS) + " |",
+            "|---" * (len(ABLATION_WEIGHTS) + 1) + "|"]
+    for batch_type in BATCH_TYPES:
+        cells = []
+        for weight in ABLATION_WEIGHTS:
+            path = os.path.join(args.output, "ablation", f"{batch_type}_w{weight}", "results.csv")
+            results = read_results(path) if os.path.exists(path) else []
+            summary = cell_summary(results, "MMHH", 48, "map_radius_deephash")
+            cells.append(cell_text(summary) if summary["asked"] else "not run")
+        rows.append(f"| {batch_type} | " + " | ".join(cells) + " |")
+    return "## The semi-batch memory on fashion_mnist_pairs, MMHH at 48 bits\n\n" + "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

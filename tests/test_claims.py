@@ -1,0 +1,67 @@
+"""claims.py: the choice on validation, and its stages end to end on tiny data."""
+import json
+
+import pytest
+
+import claims
+import compare
+from test_compare import TRAINING
+
+
+def write_tuning(folder, maps):
+    """A compare.py results.csv of one method: maps is {bits: (MAP, collapsed)}, or None for a failed cell."""
+    folder.mkdir(parents=True)
+    rows = [{"method": "MMHH", "bits": int(bits), "seed": 0, "radius": 2, "status": "failed"} if value is None else
+            {"method": "MMHH", "bits": int(bits), "seed": 0, "radius": 2, "status": "ok", "collapsed": value[1],
+             "map_radius_deephash": value[0]} for bits, value in maps.items()]
+    (folder / "results.csv").write_text(compare.results_csv(rows))
+
+
+def test_the_best_setting_has_the_best_mean_over_bits_and_no_collapse(tmp_path):
+    write_tuning(tmp_path / "lr0.0025", {"16": (0.50, False), "48": (0.70, False)})
+    write_tuning(tmp_path / "lr0.005", {"16": (0.40, False), "48": (0.90, False)})  # best mean, 0.65
+    write_tuning(tmp_path / "lr0.01", {"16": (0.95, True), "48": (0.95, False)})  # higher, but collapsed
+    assert claims.best_setting(str(tmp_path), ["lr0.0025", "lr0.005", "lr0.01"], "MMHH") == "lr0.005"
+    write_tuning(tmp_path / "knob", {"16": (0.60, False), "48": None})
+    with pytest.raises(claims.UsageError, match="knob: MMHH has unfinished cells; rerun the stage"):
+        claims.best_setting(str(tmp_path), ["lr0.005", "knob"], "MMHH")
+
+
+def test_tune_then_table_then_report_on_tiny_data(tmp_path, tiny_data, monkeypatch, capsys):
+    monkeypatch.setattr(claims, "PROTOCOLS", {"tiny": claims.Protocol(
+        "tiny", "tiny_tune", [claims.carved("tiny", 6)], ["--radius", "2"])})
+    monkeypatch.setattr(claims, "METHODS", ["MMHH"])
+    monkeypatch.setattr(claims, "LRS", ["0.01", "0.02"])
+    monkeypatch.setattr(claims, "BITS", ["16"])
+    monkeypatch.setattr(claims, "SEEDS", ["0"])
+    monkeypatch.setattr(claims, "TRAINING", [*TRAINING, "--num_iters", "4"])
+    common = ["--protocols", "tiny", "--methods", "MMHH", "--output", str(tmp_path / "claims"),
+              "--data_dir", str(tiny_data)]
+
+    assert claims.main(["data", *common]) == 0
+    assert (tiny_data / "tiny_tune" / "val.txt").exists()
+    assert claims.main(["data", *common]) == 0
+    assert "tiny_tune: built before, kept" in capsys.readouterr().out
+
+    assert claims.run_cli(claims.main, ["table", *common]) == 2
+    assert "tiny: no tuned choice for MMHH; run `python claims.py tune --protocols tiny` first" in \
+        capsys.readouterr().err
+
+    assert claims.main(["tune", *common]) == 0
+    choice = json.loads((tmp_path / "claims" / "tiny" / "tune" / "MMHH" / "choice.json").read_text())
+    choice = {"MMHH": choice}
+    assert choice["MMHH"]["flags"] in {f"--lr {lr} --similar_weight {w}" for lr in ("0.01", "0.02")
+                                       for w in ("1", "auto")}
+    knob_log = (tmp_path / "claims" / "tiny" / "tune" / "MMHH" / "knob" / "cells" / "MMHH_16bit_seed0" /
+                "train.log").read_text()
+    assert "--eval_split val" in knob_log and "--similar_weight auto" in knob_log
+
+    assert claims.main(["table", *common]) == 0
+    table_log = (tmp_path / "claims" / "tiny" / "table" / "cells" / "MMHH_16bit_seed0" / "train.log").read_text()
+    assert choice["MMHH"]["flags"] in table_log and "--eval_split" not in table_log
+
+    assert claims.main(["report", *common]) == 0
+    report = (tmp_path / "claims" / "report.md").read_text()
+    assert "## MAP@H<=2 on the test queries" in report and "(n=1)" in report
+    assert f"tiny: MMHH `{choice['MMHH']['flags']}`" in report
+    assert "## Tuning on tiny_tune" in report and "not run" in report  # the ablation has not run
