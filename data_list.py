@@ -20,8 +20,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms
 
-from distributed import rank_seed
-from runtime import CliError
+from runtime import CliError, rank_seed
 
 SPLITS = ("train", "test", "database")
 # The validation queries that `pre_process.py val` carves out of the training images, for tuning.

@@ -13,7 +13,6 @@ import os
 import re
 import signal
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -98,14 +97,6 @@ def select_device(gpu_id):
     if not active() or gpu_id == "cpu" or not torch.cuda.is_available():
         return runtime.select_device(gpu_id)
     return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-
-
-def rank_seed(seed, rank_number):
-    """The seed of a rank's own randomness (augmentation): ``seed`` itself on rank 0, so one process is
-    unchanged, and an independent one on every other rank, so the ranks do not crop and flip alike."""
-    if rank_number == 0:
-        return seed
-    return int(np.random.SeedSequence([seed % 2**63, rank_number]).generate_state(1)[0])
 
 
 def quiet_followers(logger):

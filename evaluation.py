@@ -5,18 +5,18 @@ The metrics and their conventions are described in the README's "Retrieval metri
 import json
 import logging
 import os
+import time
 
 import numpy as np
 import torch
 
-import code_health
+import collapse
 import data_list
 import distributed
 import metrics
 import plots
 from hamming_index import HammingIndex
-from network import encode
-from runtime import UsageError, atomic_write, write_text_atomically
+from runtime import Stopped, UsageError, atomic_write, autocast, write_text_atomically
 
 log = logging.getLogger("mmhh")
 
@@ -59,7 +59,7 @@ def evaluate_model(model, spec, args, device, output_dir=None, query_split="test
 
     ``query_split`` "val" scores the validation queries; they are training images, so any of them in
     the database list is left out of the database, and no query finds itself. ``should_stop`` is asked
-    between batches while encoding (see ``network.encode``).
+    between batches while encoding (see ``encode``).
     """
     queries = evaluation_dataset(spec, query_split, args)
     leave_out = set()
@@ -121,12 +121,12 @@ def score_codes(database_codes, database_labels, query_codes, query_labels, radi
                                         radius=radius, topk=topk, device=device,
                                         map_curve_radius=map_curve_radius)
     result.update({"dataset": None, "query_split": "test", "queries_in_database": None, **(context or {})})
-    result.update(code_health.code_health(torch.as_tensor(database_codes)))
+    result.update(collapse.code_health(torch.as_tensor(database_codes)))
     result["convention"] = "mmhh" if opt_test else "deephash"
     result["unlabelled_queries"] = int((torch.as_tensor(query_labels).sum(1) == 0).sum())
     result["headline"] = headline_metric(result, opt_test)
     log_report(result)
-    warning = code_health.collapse_warning(result, result["num_database"], result["hash_bit"],
+    warning = collapse.collapse_warning(result, result["num_database"], result["hash_bit"],
                                            num_labels=database_labels.shape[1])
     result["collapsed"] = warning is not None
     if warning:
@@ -250,3 +250,40 @@ def _check_codes(array, path):
 
 def _normalised(path):
     return os.path.normpath(os.path.abspath(path))
+
+
+@torch.no_grad()
+def encode(model, loader, device, description="encoding", log_every_s=10.0, amp=False, should_stop=bool):
+    """Continuous codes and labels of the items ``loader`` yields, in dataset order: (N, K) and (N, C)
+    over the whole dataset, rows of items it does not yield (another rank's share) left at zero.
+
+    ``amp``: run the network under bfloat16 autocast; the codes are returned in float32.
+    ``should_stop()`` is asked after every batch; when it is true, ``Stopped`` is raised.
+    """
+    was_training = model.training
+    model.eval()
+    dataset = loader.dataset
+    codes = torch.zeros(len(dataset), model.hash_layer.out_features)  # (N, K)
+    labels = torch.zeros(len(dataset), dataset.labels.shape[1])       # (N, C)
+    done, start, last_log = 0, time.perf_counter(), time.perf_counter()
+    for images, batch_labels, indices in _batches(loader):
+        with autocast(device, amp):
+            codes[indices] = model(images.to(device, non_blocking=True)).float().cpu()
+        labels[indices] = batch_labels.float()
+        done += len(indices)
+        if time.perf_counter() - last_log > log_every_s:
+            last_log = time.perf_counter()
+            log.info("%s: %d/%d images (%.0f img/s)", description, done, len(loader.sampler),
+                     done / (last_log - start))
+        if should_stop():
+            raise Stopped(description)
+    model.train(was_training)
+    return codes, labels
+
+
+def _batches(loader):
+    """The loader's batches; a worker's DataError arrives as one line, without the worker's traceback."""
+    try:
+        yield from loader
+    except data_list.DataError as error:
+        raise data_list.DataError.from_loader(error) from None

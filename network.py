@@ -3,14 +3,12 @@ import logging
 import math
 import os
 import re
-import time
 
 import torch
 from torch import nn
 from torchvision import models
 
-from data_list import DataError
-from runtime import CliError, Stopped, UsageError, autocast
+from runtime import CliError, UsageError
 
 log = logging.getLogger("mmhh")
 
@@ -144,40 +142,3 @@ def _feature_layers(image_network, model):
     # AlexNet and VGG: conv features, pooling, then fc6/fc7 without the last classifier layer.
     layers = nn.Sequential(model.features, model.avgpool, nn.Flatten(1), *model.classifier[:6])
     return layers, model.classifier[6].in_features
-
-
-@torch.no_grad()
-def encode(model, loader, device, description="encoding", log_every_s=10.0, amp=False, should_stop=bool):
-    """Continuous codes and labels of the items ``loader`` yields, in dataset order: (N, K) and (N, C)
-    over the whole dataset, rows of items it does not yield (another rank's share) left at zero.
-
-    ``amp``: run the network under bfloat16 autocast; the codes are returned in float32.
-    ``should_stop()`` is asked after every batch; when it is true, ``Stopped`` is raised.
-    """
-    was_training = model.training
-    model.eval()
-    dataset = loader.dataset
-    codes = torch.zeros(len(dataset), model.hash_layer.out_features)  # (N, K)
-    labels = torch.zeros(len(dataset), dataset.labels.shape[1])       # (N, C)
-    done, start, last_log = 0, time.perf_counter(), time.perf_counter()
-    for images, batch_labels, indices in _batches(loader):
-        with autocast(device, amp):
-            codes[indices] = model(images.to(device, non_blocking=True)).float().cpu()
-        labels[indices] = batch_labels.float()
-        done += len(indices)
-        if time.perf_counter() - last_log > log_every_s:
-            last_log = time.perf_counter()
-            log.info("%s: %d/%d images (%.0f img/s)", description, done, len(loader.sampler),
-                     done / (last_log - start))
-        if should_stop():
-            raise Stopped(description)
-    model.train(was_training)
-    return codes, labels
-
-
-def _batches(loader):
-    """The loader's batches; a worker's DataError arrives as one line, without the worker's traceback."""
-    try:
-        yield from loader
-    except DataError as error:
-        raise DataError.from_loader(error) from None

@@ -106,6 +106,13 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
+def rank_seed(seed, rank_number):
+    """The seed of a rank's own randomness (augmentation): ``seed`` itself on rank 0, so one process is
+    unchanged, and an independent one on every other rank, so the ranks do not crop and flip alike."""
+    if rank_number == 0:
+        return seed
+    return int(np.random.SeedSequence([seed % 2**63, rank_number]).generate_state(1)[0])
+
 def setup_logging(log_dir, annotation, to_file=True):
     """Log to stdout and, with ``to_file``, to ``<log_dir>/<annotation>.log``."""
     logger = logging.getLogger("mmhh")

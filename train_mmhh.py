@@ -19,7 +19,7 @@ import torch
 from tensorboardX import SummaryWriter
 
 import checkpoint
-import code_health
+import collapse
 import data_list
 import distributed
 import loss
@@ -27,7 +27,7 @@ import evaluation
 import network
 import recipes
 import run_files
-from runtime import (CliError, StopSignals, Stopped, UsageError, autocast, format_duration, run_cli,
+from runtime import (CliError, StopSignals, Stopped, UsageError, autocast, format_duration, rank_seed, run_cli,
                      seed_everything, setup_logging, str2bool)
 
 log = logging.getLogger("mmhh")
@@ -195,7 +195,7 @@ class Run:
     signals: StopSignals  # this process's SIGINT and SIGTERM
     stop: StopSignals | distributed.AgreedStop  # the stop the training loop acts on (the same alone)
     last_snapshot: str | None = None
-    collapse: code_health.CollapseWatch = field(default_factory=code_health.CollapseWatch)
+    collapse_watch: collapse.CollapseWatch = field(default_factory=collapse.CollapseWatch)
 
 
 class NonFiniteLoss(CliError):
@@ -229,7 +229,7 @@ def run_training(args, explicit):
     for flag, value, source in recipe:
         log.info("recipe %s: --%s %s (%s)", args.recipe, flag, value, source)
     device = distributed.select_device(args.gpu_id)
-    seed_everything(distributed.rank_seed(args.seed, distributed.rank()))
+    seed_everything(rank_seed(args.seed, distributed.rank()))
 
     source = data_list.resolve_dataset(args.s_dataset, args.data_dir, train_list=args.train_list,
                                        data_root=args.data_root, needs=("train",))
@@ -441,7 +441,7 @@ def initialise_run(run, args, train_paths, train_labels):
         # Each rank encodes its share of the training set; the shares are combined on every rank.
         loader = data_list.evaluation_loader(train_set, args.batch_size, args.workers, distributed.shard())
         try:
-            codes, _ = network.encode(run.model, loader, run.device, description="initialising the memory",
+            codes, _ = evaluation.encode(run.model, loader, run.device, description="initialising the memory",
                                       amp=args.amp, should_stop=run.signals.requested)
         except Stopped:
             raise Interrupted(f"stopped by {run.signals.name} while initialising the memory: nothing was trained "
@@ -492,7 +492,7 @@ def train(run, loader, writer, start):
     for iteration in range(start, args.num_iters):
         images, labels, indices = next_batch(run, batches, iteration, start)
         parts, h = train_step(run, iteration, images, labels, indices)
-        warning = run.collapse.update(parts["saturated"], parts["bit_balance"], iteration)
+        warning = run.collapse_watch.update(parts["saturated"], parts["bit_balance"], iteration)
         if warning:
             log.warning("warning: %s", warning)
         completed = iteration + 1
@@ -545,7 +545,7 @@ def train_step(run, iteration, images, labels, indices):
     h, labels, indices = distributed.global_batch(h, labels, indices, run.stop)  # (B, K), (B, C), (B,)
     other_h, other_labels, exclude = run.memory.partner_set(h, labels, indices, iteration)
     parts = run.criterion(h, labels, other_h, other_labels, exclude, halves=pairs_halves(run, iteration))
-    saturated, bit_balance = code_health.batch_health(h.detach())
+    saturated, bit_balance = collapse.batch_health(h.detach())
     monitored = {**{name: value.detach() for name, value in parts.items()}, "saturated": saturated,
                  "bit_balance": bit_balance}
     # One host synchronisation a step: the non-finite check and the collapse watch need the values.

@@ -1,4 +1,4 @@
-"""Code health: the signs that a hashing network's codes have collapsed.
+"""Collapse: the signs that a hashing network's codes have collapsed.
 
 A collapsed network gives (nearly) every image the same sign code: its outputs sit at ±1 where tanh
 passes no gradient, a bit takes the same sign everywhere, and MAP drops to chance level (the share of
