@@ -14,12 +14,9 @@ import sys
 
 import torch
 
-import checkpoint
 import data_list
-import evaluation
 import plots
-from hamming_index import HammingIndex
-from network import encode
+import retrieval
 from runtime import UsageError, run_cli, select_device, setup_logging, write_text_atomically
 
 log = logging.getLogger("mmhh")
@@ -28,21 +25,7 @@ log = logging.getLogger("mmhh")
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Hamming-ball retrieval with an MMHH model: index a "
                                                  "database, query it with images, see the answers.")
-    database = parser.add_argument_group("the database: --index, --codes_dir, or --model_path with a list")
-    database.add_argument("--index", default=None, help="index file written by --save_index")
-    database.add_argument("--codes_dir", default=None,
-                          help="test_mmhh.py output folder: database_code.npy and database_labels.npy")
-    database.add_argument("--model_path", default=None,
-                          help="snapshot of train_mmhh.py: encodes the query images, and the database when "
-                               "neither --index nor --codes_dir is given")
-    database.add_argument("--dataset", default=None,
-                          help="dataset under --data_dir whose database list is indexed (default: the "
-                               "snapshot's --t_dataset); with --codes_dir, the list that names the items")
-    database.add_argument("--database_list", default=None, help="database list file (overrides the dataset's)")
-    database.add_argument("--data_dir", default="data", help="folder of the dataset folders (default data)")
-    database.add_argument("--data_root", default=None,
-                          help="folder that relative image paths of the lists are relative to "
-                               "(default: each list's folder)")
+    database = retrieval.add_database_flags(parser)
     database.add_argument("--save_index", default=None,
                           help="write the index (codes, paths, labels) to this file for later --index runs")
     queries = parser.add_argument_group("queries")
@@ -63,10 +46,7 @@ def parse_args(argv=None):
                               "hundreds of queries is taller than most image viewers open")
     answers.add_argument("--overwrite", action="store_true",
                          help="replace existing --save_index, --json and --grid files instead of stopping")
-    encoding = parser.add_argument_group("encoding, as test_mmhh.py")
-    encoding.add_argument("--gpu_id", default="0", help="CUDA device index; 'cpu' forces the CPU (default 0)")
-    encoding.add_argument("--batch_size", type=int, default=16, help="images per encoding batch (default 16)")
-    evaluation.add_encoding_flags(encoding)
+    retrieval.add_encoding_flags(parser)
     return parser.parse_args(argv)
 
 
@@ -75,13 +55,8 @@ def main(argv=None):
     check_flags(args)
     setup_logging(None, None, to_file=False)
     device = select_device(args.gpu_id)
-    snapshot = checkpoint.load_snapshot(args.model_path) if args.model_path else None
-    model = None
-    if snapshot:
-        args.resize_size = args.resize_size or snapshot["args"]["resize_size"]
-        args.crop_size = args.crop_size or snapshot["args"]["crop_size"]
-        model = checkpoint.model_from_snapshot(snapshot).to(device)
-    index = database_index(args, snapshot, model, device)
+    snapshot, model = retrieval.load_model(args, device)
+    index = retrieval.database_index(args, snapshot, model, device)
     if args.grid and index.paths is None:
         raise UsageError(f"--grid draws the database's images, but {args.index or args.codes_dir} has no image "
                          "paths; give the list the codes were made from (--dataset NAME or --database_list FILE)")
@@ -91,8 +66,9 @@ def main(argv=None):
     if not (args.query or args.query_list):
         return 0
     query_paths, query_labels, origins = read_queries(args, index)
-    queries = data_list.ImageList(query_paths, torch.zeros(len(query_paths), 1), image_transform(args), origins)
-    query_codes = encode_images(model, queries, args, device, "encoding queries")
+    queries = data_list.ImageList(query_paths, torch.zeros(len(query_paths), 1), retrieval.image_transform(args),
+                                  origins)
+    query_codes = retrieval.encode_images(model, queries, args, device, "encoding queries")
     answers = index.search(query_codes, args.radius, args.topk, args.fallback_topk, query_labels)
     print_answers(query_paths, answers, index, args)
     if args.json:
@@ -108,14 +84,7 @@ def main(argv=None):
 
 def check_flags(args):
     """Every flag problem before any work: one line each."""
-    sources = [flag for flag in ("index", "codes_dir") if getattr(args, flag)]
-    if len(sources) > 1:
-        raise UsageError("give one database: --index FILE or --codes_dir DIR, not both")
-    if not sources and not args.model_path:
-        raise UsageError("give the database: --index FILE, --codes_dir DIR, or --model_path SNAPSHOT with "
-                         "--dataset NAME or --database_list FILE")
-    if args.index and (args.dataset or args.database_list):
-        raise UsageError(f"--index {args.index} holds its database already; drop --dataset/--database_list")
+    retrieval.check_database_flags(args)
     if (args.query or args.query_list) and not args.model_path:
         raise UsageError("queries are images: give --model_path SNAPSHOT, the network that made the index's codes")
     if args.query and args.query_list:
@@ -133,75 +102,6 @@ def check_flags(args):
     existing = [path for path in (args.save_index, args.json, args.grid) if path and os.path.exists(path)]
     if existing and not args.overwrite:
         raise UsageError(f"{', '.join(existing)} already exist(s); pass other names, or --overwrite to replace them")
-
-
-def database_index(args, snapshot, model, device):
-    """The index to query: loaded, made from saved codes, or encoded from a database list."""
-    if args.index:
-        index = HammingIndex.load(args.index)
-        log.info("index %s: %d %d-bit codes%s", args.index, len(index), index.bits,
-                 "" if index.paths else " (no image paths: items are named by database index)")
-    elif args.codes_dir:
-        index = saved_codes_index(args)
-    else:
-        index = encoded_index(args, snapshot["args"]["t_dataset"], model, device)
-    if snapshot:
-        check_snapshot_fits(args.model_path, snapshot, index, args.index or args.codes_dir)
-    return index
-
-
-def saved_codes_index(args):
-    """An index of test_mmhh.py's saved database codes, the items named by the list given, if any."""
-    database_codes, database_labels, _, _ = evaluation.load_codes(args.codes_dir)
-    paths = None
-    if args.dataset or args.database_list:
-        list_path, paths, _ = read_database_list(args, None)
-        if len(paths) != len(database_codes):
-            raise UsageError(f"{list_path} lists {len(paths)} images but --codes_dir {args.codes_dir} holds "
-                             f"{len(database_codes)} codes: give the database list the codes were made from")
-    else:
-        recorded = evaluation.saved_dataset_name(args.codes_dir)
-        log.info("no image paths: items are named by database index; to name them, pass the list the codes were "
-                 "made from (--dataset NAME or --database_list FILE%s)",
-                 f"; metrics.json records dataset '{recorded}'" if recorded else "")
-    source = {"codes_dir": os.path.abspath(args.codes_dir), "dataset": args.dataset}
-    return HammingIndex(database_codes, paths, database_labels, source)
-
-
-def encoded_index(args, default_dataset, model, device):
-    """Encode a database list (--database_list, else --dataset's, else the snapshot's dataset's)."""
-    list_path, paths, labels = read_database_list(args, default_dataset)
-    data_list.check_images_exist(paths, list_path)
-    log.info("indexing the %d images of %s", len(paths), list_path)
-    database = data_list.ImageList(paths, labels, image_transform(args), data_list.line_origins(list_path))
-    codes = encode_images(model, database, args, device, "encoding database")
-    source = {"model_path": os.path.abspath(args.model_path), "database_list": os.path.abspath(list_path)}
-    return HammingIndex(codes, paths, labels, source)
-
-
-def read_database_list(args, default_dataset):
-    """(list file, absolute image paths, (N, C) labels) of --database_list, else of the dataset's list."""
-    if args.database_list and not args.dataset:
-        list_path, root = args.database_list, args.data_root
-    else:
-        spec = data_list.resolve_dataset(args.dataset or default_dataset, args.data_dir,
-                                         database_list=args.database_list, data_root=args.data_root,
-                                         needs=("database",))
-        list_path, root = data_list.require_list(spec, "database"), spec.data_root
-    paths, labels = data_list.read_image_list(list_path, root)
-    return list_path, [os.path.abspath(path) for path in paths], labels
-
-
-def check_snapshot_fits(model_path, snapshot, index, index_name):
-    """The query network must make codes of the index's length, and should be the one that made them."""
-    bits = snapshot["args"]["hash_bit"]
-    if bits != index.bits:
-        raise UsageError(f"snapshot {model_path} makes {bits}-bit codes, but {index_name} holds {index.bits}-bit "
-                         "codes; query with the snapshot that made the index")
-    made_by = index.source.get("model_path")
-    if made_by and made_by != os.path.abspath(model_path):
-        log.warning("warning: %s was made by snapshot %s, the queries are encoded by %s: their codes compare "
-                    "only if it is the same network", index_name, made_by, model_path)
 
 
 def read_queries(args, index):
@@ -243,18 +143,6 @@ def _lines_with_labels(list_path):
     return widths.pop()
 
 
-def image_transform(args):
-    """The evaluation transform at the snapshot's (or the flags') sizes."""
-    return data_list.test_transform(args.resize_size, args.crop_size)
-
-
-def encode_images(model, dataset, args, device, description):
-    """(n, K) continuous codes of an ImageList's images."""
-    loader = data_list.evaluation_loader(dataset, args.batch_size, args.workers)
-    codes, _ = encode(model, loader, device, description=description, amp=args.amp)
-    return codes
-
-
 def print_answers(query_paths, answers, index, args):
     """A table per query: rank, Hamming distance, score, relevance (when known), item."""
     for number, (query, answer) in enumerate(zip(query_paths, answers), start=1):
@@ -278,19 +166,8 @@ def print_answers(query_paths, answers, index, args):
 
 def answers_json(query_paths, answers, index):
     """[{query, ball_size, fallback, results: [{rank, index, path, distance, score[, relevant]}]}]."""
-    documents = []
-    for query, answer in zip(query_paths, answers):
-        results = []
-        for rank, (item, distance, score) in enumerate(zip(answer.index.tolist(), answer.distance.tolist(),
-                                                            answer.score.tolist()), start=1):
-            result = {"rank": rank, "index": item, "path": index.paths[item] if index.paths else None,
-                      "distance": distance, "score": score}
-            if answer.relevant is not None:
-                result["relevant"] = bool(answer.relevant[rank - 1])
-            results.append(result)
-        documents.append({"query": query, "ball_size": answer.ball_size, "fallback": answer.fallback,
-                          "results": results})
-    return documents
+    numbers = retrieval.item_numbers(index)
+    return [retrieval.answer_document(query, answer, index, numbers) for query, answer in zip(query_paths, answers)]
 
 
 def item_name(index, item):
