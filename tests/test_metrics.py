@@ -1,4 +1,5 @@
-"""metrics.py against a plain per-query implementation of the README's "Retrieval metrics", plus fixed cases."""
+"""metrics.py against metrics_reference.py, the plain per-query implementation of the README's
+"Retrieval metrics", plus fixed cases."""
 import contextlib
 import itertools
 import json
@@ -10,83 +11,13 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import metric_kernels
 import metrics
 import plots
+from hamming_index import rank_members
+from metrics_reference import ref_map_at_radius, ref_map_at_topk, ref_precision_at_n
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-
-
-# ----------------------------------------------------------------------------------------------
-# Reference: one query at a time, straight from the definitions
-# ----------------------------------------------------------------------------------------------
-
-def ref_rank(scores):
-    """Database indices by (-score, index)."""
-    return sorted(range(len(scores)), key=lambda i: (-scores[i], i))
-
-
-def ref_ap(rel):
-    """AP = sum_k P@k rel_k / #relevant retrieved (0 when none)."""
-    found, total = 0, 0.0
-    for k, r in enumerate(rel, start=1):
-        if r:
-            found += 1
-            total += found / k
-    return total / found if found else 0.0
-
-
-def ref_sign(h):
-    return np.where(h >= 0, 1.0, -1.0)
-
-
-def ref_query_ball(hd, ld, hq, lq, radius):
-    """(ball size, #relevant in ball, #relevant in db, AP) of one query."""
-    K = hd.shape[1]
-    dist = (K - ref_sign(hd) @ ref_sign(hq)) / 2
-    scores = [float(np.dot(hq, x)) for x in hd]
-    relevant = [(np.asarray(l, float) @ np.asarray(lq, float)) > 0 for l in ld]
-    ball = [i for i in ref_rank(scores) if dist[i] <= radius]
-    rel = [relevant[i] for i in ball]
-    return len(ball), sum(rel), sum(relevant), ref_ap(rel)
-
-
-def ref_mean(values):
-    return sum(values) / len(values) if values else 0.0
-
-
-def ref_map_at_radius(hd, ld, hq, lq, radius, convention):
-    rows = [ref_query_ball(hd, ld, hq[i], lq[i], radius) for i in range(len(hq))]
-    prec = [f / n if n else 0.0 for n, f, _, _ in rows]
-    rec = [f / t if t else 0.0 for _, f, t, _ in rows]
-    if convention == "deephash":
-        aps = [ap for n, f, _, ap in rows if n == 0 or f > 0]
-        pr = range(len(rows))
-    else:
-        aps = [ap for n, f, _, ap in rows if n > 0]
-        pr = [i for i, row in enumerate(rows) if row[0] > 0]
-    return {"map": ref_mean(aps), "precision": ref_mean([prec[i] for i in pr]),
-            "recall": ref_mean([rec[i] for i in pr]),
-            "empty_fraction": sum(r[0] == 0 for r in rows) / len(rows)}
-
-
-def ref_top_rel(hd, ld, hq, lq, top_r, use_sign):
-    a, b = (ref_sign(hd), ref_sign(hq)) if use_sign else (hd, hq)
-    scores = [float(np.dot(b, x)) for x in a]
-    return [(np.asarray(ld[i], float) @ np.asarray(lq, float)) > 0 for i in ref_rank(scores)[:top_r]]
-
-
-def ref_map_at_topk(hd, ld, hq, lq, top_r, use_sign, convention):
-    aps = []
-    for i in range(len(hq)):
-        rel = ref_top_rel(hd, ld, hq[i], lq[i], top_r, use_sign)
-        if any(rel) or convention == "mmhh":
-            aps.append(ref_ap(rel))
-    return ref_mean(aps)
-
-
-def ref_precision_at_n(hd, ld, hq, lq, top_r):
-    rows = [ref_top_rel(hd, ld, hq[i], lq[i], top_r, False) for i in range(len(hq))]
-    return [sum(sum(rel[:n]) / n for rel in rows) / len(rows) for n in range(1, top_r + 1)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -130,23 +61,23 @@ def close(a, b):
 @contextlib.contextmanager
 def ball_method(method):
     """Force the Hamming-ball member search ('lookup' or 'scan'; None: automatic choice)."""
-    saved, metrics._FORCE_BALL_METHOD = metrics._FORCE_BALL_METHOD, method
+    saved, metric_kernels._FORCE_BALL_METHOD = metric_kernels._FORCE_BALL_METHOD, method
     try:
         yield
     finally:
-        metrics._FORCE_BALL_METHOD = saved
+        metric_kernels._FORCE_BALL_METHOD = saved
 
 
 @contextlib.contextmanager
 def member_batch(members):
     """Cap the CPU's batches of ranked ball members at about ``members`` (None: the default cap)."""
-    saved = metrics._CPU_BATCH_BYTES
+    saved = metric_kernels._CPU_BATCH_BYTES
     if members:
-        metrics._CPU_BATCH_BYTES = members * metrics._BYTES_PER_MEMBER
+        metric_kernels._CPU_BATCH_BYTES = members * metric_kernels._BYTES_PER_MEMBER
     try:
         yield
     finally:
-        metrics._CPU_BATCH_BYTES = saved
+        metric_kernels._CPU_BATCH_BYTES = saved
 
 
 # ----------------------------------------------------------------------------------------------
@@ -178,12 +109,12 @@ def test_map_at_topk_matches_reference(problem, data):
     memory = data.draw(st.sampled_from([None, 64]))
     numpy_select = data.draw(st.booleans())              # False: torch.topk, the path CUDA takes
     for convention in ("hashnet", "mmhh"):
-        saved, metrics._NUMPY_SELECT_ON_CPU = metrics._NUMPY_SELECT_ON_CPU, numpy_select
+        saved, metric_kernels._NUMPY_SELECT_ON_CPU = metric_kernels._NUMPY_SELECT_ON_CPU, numpy_select
         try:
             got = metrics.map_at_topk(hd, ld, hq, lq, top_r, use_sign, convention, device="cpu",
                                       memory_bytes=memory)
         finally:
-            metrics._NUMPY_SELECT_ON_CPU = saved
+            metric_kernels._NUMPY_SELECT_ON_CPU = saved
         assert close(got, ref_map_at_topk(hd, ld, hq, lq, top_r, use_sign, convention))
     whole = metrics.map_at_topk(hd, ld, hq, lq, None, use_sign, device="cpu")
     assert close(whole, ref_map_at_topk(hd, ld, hq, lq, n, use_sign, "hashnet"))
@@ -344,7 +275,7 @@ def test_lookup_in_blocks_of_queries(dense, members, monkeypatch):
     # 70 queries in code order, scored `dense` at a time, in batches of about `members` (blocks merged,
     # or a block of large balls split): the figures of each query land in its own row.
     problem = clustered_problem(17, n_db=400, n_q=70)
-    monkeypatch.setattr(metrics, "_DENSE_QUERIES", dense)
+    monkeypatch.setattr(metric_kernels, "_DENSE_QUERIES", dense)
     with ball_method("lookup"), member_batch(members):
         got = metrics.evaluate_retrieval(*problem, radius=2, topk=50, map_curve_radius=3, device="cpu")
         for convention in metrics.RADIUS_CONVENTIONS:
@@ -361,13 +292,13 @@ def test_float32_and_bfloat16_sign_products_agree(clustered):
     (hd, ld, hq, lq), _ = clustered
     results = []
     for bf16 in (True, False):
-        saved, metrics._BF16_SIGNS = metrics._BF16_SIGNS, bf16
+        saved, metric_kernels._BF16_SIGNS = metric_kernels._BF16_SIGNS, bf16
         try:
             with ball_method("scan"):
                 results.append((metrics.evaluate_retrieval(hd, ld, hq, lq, 2, 50, device="cpu"),
                                 metrics.map_at_radius(hd, ld, hq, lq, 3, device="cpu")))
         finally:
-            metrics._BF16_SIGNS = saved
+            metric_kernels._BF16_SIGNS = saved
     assert results[0] == results[1]
 
 
@@ -452,7 +383,7 @@ def test_ranking_of_members_is_exact(data):
     group = data.draw(st.lists(st.integers(0, groups - 1), min_size=n, max_size=n))
     score = data.draw(st.lists(values, min_size=n, max_size=n))
     index = data.draw(st.permutations(range(n)))
-    order, ranked_group = metrics._rank_members(
+    order, ranked_group = rank_members(
         torch.tensor(group, dtype=torch.int64), torch.tensor(score, dtype=torch.float64),
         torch.tensor(index, dtype=torch.int64), groups)
     want = sorted(range(n), key=lambda i: (group[i], -score[i], index[i]))
@@ -661,12 +592,12 @@ def test_topk_near_ties_around_the_cut(bits, spacing):
 def test_top_candidates_when_the_sample_misjudges():
     # The items of the strided sample score high, the others low: fewer than R items reach the
     # sample's quantile, so the R-th score is selected exactly.
-    step = metrics._SAMPLE_STEP
+    step = metric_kernels._SAMPLE_STEP
     row = np.zeros(100 * step)
     row[::step] = 10.0 + np.arange(100)
     row[1::step] = 5.0
     for top_r in (200, 150, 101):
-        candidates = metrics._top_candidates(row, top_r)
+        candidates = metric_kernels._top_candidates(row, top_r)
         cut = np.sort(row)[-top_r]
         assert np.array_equal(candidates, np.flatnonzero(row >= cut))
 
@@ -685,7 +616,7 @@ def test_ranked_relevance_is_exact(data):
     index = np.array(data.draw(st.permutations(range(n))))
     top_r = data.draw(st.integers(1, n))
     want = [rel[i] for i in sorted(range(n), key=lambda i: (-values[i], index[i]))[:top_r]]
-    assert metrics._ranked_relevance(values.copy(), rel, top_r, lambda: index).tolist() == want
+    assert metric_kernels._ranked_relevance(values.copy(), rel, top_r, lambda: index).tolist() == want
 
 
 def test_label_rows_of_many_words_are_numbered_exactly():
@@ -695,7 +626,7 @@ def test_label_rows_of_many_words_are_numbered_exactly():
     patterns[1, 64:] = patterns[0, 64:]                         # equal to row 0 past the first word
     patterns[2, :128] = patterns[0, :128]                       # differs from row 0 in the last word only
     labels = torch.from_numpy(patterns[rng.integers(0, 6, 500)])
-    inverse, rows, counts = metrics._unique_label_rows(labels)
+    inverse, rows, counts = metric_kernels._unique_label_rows(labels)
     assert torch.equal(rows[inverse], labels.to(torch.float32))
     assert len(rows) == len(np.unique(labels.numpy(), axis=0)) == len(counts)
     assert counts.sum() == 500 and torch.equal(counts, torch.bincount(inverse).to(torch.float64))

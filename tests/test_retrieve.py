@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import hamming_index
+import metric_kernels
 import metrics
 import retrieve
 import test_mmhh
@@ -49,7 +50,7 @@ def metrics_ball(hd, hq, radius):
     labels_d, labels_q = np.ones((len(hd), 1)), np.ones((len(hq), 1))
     data = metrics._prepare(hd, labels_d, hq, labels_q, "cpu")
     members = set()
-    for queries, qi, xi, dist, _ in metrics._ball_members_scan(data, radius, 2**20):
+    for queries, qi, xi, dist, _ in metric_kernels._ball_members_scan(data, radius, 2**20):
         members |= set(zip(queries[qi].tolist(), xi.tolist(), dist.tolist()))
     return sorted(members)
 
@@ -99,7 +100,7 @@ def test_numpy_and_torch_table_code_agree(monkeypatch):
     # The CPU's numpy popcount and repeat against the torch code the GPU runs: same balls, answers, MAP.
     hd, ld, hq, lq, _ = clustered_codes(2000, 70, 64, 8, True, 0.05, seed=5)
     hd, hq = np.round(hd * 64) / 64, np.round(hq * 64) / 64     # dyadic: exact scores, real ties
-    monkeypatch.setattr(metrics, "_FORCE_BALL_METHOD", "lookup")
+    monkeypatch.setattr(metric_kernels, "_FORCE_BALL_METHOD", "lookup")
     results = []
     for numpy_on_cpu in (True, False):
         monkeypatch.setattr(hamming_index, "_NUMPY_ON_CPU", numpy_on_cpu)
