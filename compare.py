@@ -7,8 +7,9 @@ Every cell (method x bits x seed) trains with train_mmhh.py in its own folder DI
 evaluates at the end; its result.json records the flags it ran with. A rerun skips the finished cells,
 resumes an interrupted one from its last snapshot, redoes the failed ones, and stops before training
 anything when a finished cell ran with other flags than the command's (--redo_changed redoes those).
-Flags compare.py does not know are passed to every run; `--method_flags DCH="--gamma 10"` adds flags to one method's runs. The results go to
-DIR/results.csv, DIR/table.md and DIR/map_vs_bits.png, rewritten after every cell.
+Flags compare.py does not know are passed to every run; `--method_flags DCH="--gamma 10"` adds flags to
+one method's runs. The results go to DIR/results.csv, DIR/table.md and DIR/map_vs_bits.png, rewritten
+after every cell.
 """
 import argparse
 import csv

@@ -359,7 +359,7 @@ def _radius_table_ap(group, dist, rel, c, K1):
     counted = column < end.index_select(0, group)
     spare = K1 * T
     cells = torch.where(counted, dist * T + column, spare)
-    m = torch.bincount(cells, minlength=spare + 1)[:-1].view(K1, T).to(f64)   # unweighted: 6x faster
+    m = torch.bincount(cells, minlength=spare + 1)[:-1].view(K1, T).to(f64)   # unweighted: the faster path
     del cells
     counted_by_dist = torch.bincount(torch.where(counted, group * K1 + dist, c * K1),
                                      minlength=c * K1 + 1)[:-1].view(c, K1)
@@ -377,7 +377,7 @@ def _radius_table_ap(group, dist, rel, c, K1):
     terms.index_add_(1, next_first[has_next], -n_rel_ball[:-1][has_next].T.to(f64))
     terms.cumsum_(1)                                            # (K1, T) A
     terms.mul_(within).div_(m.clamp_(min=1))                    # P@k * rel_k
-    # Sums of runs along the rows' contiguous memory: 6x faster than down the columns of terms.T.
+    # Sums of runs along the rows' contiguous memory, which is faster than down the columns of terms.T.
     num = torch.segment_reduce(terms, "sum", lengths=n_rel_ball[:, -1].expand(K1, c).contiguous(), axis=1).T
     ap = torch.where(n_rel_ball > 0, num / n_rel_ball.clamp(min=1), 0.0)
     return ap, n_rel_ball
@@ -582,8 +582,8 @@ def _batch_budget(budget, device):
 
 
 # On the CPU a temporary tensor beyond a few tens of MiB gets fresh pages from the system at every
-# allocation, which costs more than the arithmetic on it; batches below this size reuse memory.
-# Measured on 2 cores: the ball 1.3-1.7x faster than with 512 MiB batches, the radius tables 3x.
+# allocation, which costs more than the arithmetic on it; batches below this size reuse memory
+# (bench/bench_metrics.py measures the effect).
 _CPU_BATCH_BYTES = 32 * 2**20
 
 

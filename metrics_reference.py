@@ -35,7 +35,7 @@ def ref_query_ball(hd, ld, hq, lq, radius):
     K = hd.shape[1]
     dist = (K - ref_sign(hd) @ ref_sign(hq)) / 2
     scores = [float(np.dot(hq, x)) for x in hd]
-    relevant = [(np.asarray(l, float) @ np.asarray(lq, float)) > 0 for l in ld]
+    relevant = [(np.asarray(labels, float) @ np.asarray(lq, float)) > 0 for labels in ld]
     ball = [i for i in ref_rank(scores) if dist[i] <= radius]
     rel = [relevant[i] for i in ball]
     return len(ball), sum(rel), sum(relevant), ref_ap(rel)

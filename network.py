@@ -46,7 +46,7 @@ def build_network(image_network, hash_bit, backbone=None, pretrained="imagenet",
                          f"choose one of {', '.join(BACKBONES[image_network])}")
     torchvision_model = load_backbone(BACKBONES[image_network][backbone], backbone, pretrained)
     features, width = _feature_layers(image_network, torchvision_model)
-    # Channels-last runs the convolutions about 1.7x faster on CPUs (oneDNN) and suits tensor cores.
+    # Channels-last runs the convolutions faster on CPUs (oneDNN) and suits tensor cores.
     return HashNetwork(features, width, hash_bit, continuation).to(memory_format=torch.channels_last)
 
 

@@ -35,8 +35,16 @@ import sys
 import numpy as np
 from PIL import Image
 
-from data_list import (DEFAULT_PRESET, PRESETS, SPLITS, DataError, image_problem, read_image_list,
-                       require_list, resolve_dataset)
+from data_list import (
+    DEFAULT_PRESET,
+    PRESETS,
+    SPLITS,
+    DataError,
+    image_problem,
+    read_image_list,
+    require_list,
+    resolve_dataset,
+)
 from runtime import write_bytes_atomically
 
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
@@ -167,7 +175,8 @@ def parse_args(argv):
                   "likewise --num_train_per_class a concept among the non-queries (train; 10,500); "
                   "database: every image but the queries. Default: labelled_queries with 81 "
                   "concepts, dhn with 21, because HashNet's published 21-concept lists "
-                  "(pytorch/data/nus_wide) hold 2,100 queries and 10,500 training images, DHN's sizes. data_root is the "
+                  "(pytorch/data/nus_wide) hold 2,100 queries and 10,500 training images, DHN's sizes. "
+                  "data_root is the "
                   "absolute NUS-WIDE root; an image is images/<folder>/<file>, the last two "
                   "components of its ImageList/Imagelist.txt line.")
     sub.add_argument("--root", required=True,
@@ -612,16 +621,17 @@ def carve_validation(args):
         for split in ("test", "database")[:2 if args.database == "parent" else 1]:
             shutil.copyfile(require_list(spec, split), os.path.join(folder, f"{split}.txt"))
     record.setdefault("sizes", {}).update({"train": int((~chosen).sum()), "val": size})
+    kept = "".join(line for line, c in zip(lines, chosen) if not c)
+    validation = "".join(line for line, c in zip(lines, chosen) if c)
     if args.database == "train":
-        write_bytes_atomically(os.path.join(folder, "database.txt"),
-                               "".join(l for l, c in zip(lines, chosen) if not c).encode())
+        write_bytes_atomically(os.path.join(folder, "database.txt"), kept.encode())
         record["sizes"]["database"] = int((~chosen).sum())
     record["val"] = {"size": size, "carved_from": train_path, "carved_from_lines": len(lines),
                      "seed": args.seed, "command": args.command_line, "database": args.database}
     # val.txt first: until train.txt is replaced an interrupted run leaves both, and a rerun refuses
-    write_bytes_atomically(os.path.join(folder, "val.txt"), "".join(l for l, c in zip(lines, chosen) if c).encode())
+    write_bytes_atomically(os.path.join(folder, "val.txt"), validation.encode())
     write_bytes_atomically(os.path.join(folder, "dataset.json"), (json.dumps(record, indent=2) + "\n").encode())
-    write_bytes_atomically(os.path.join(folder, "train.txt"), "".join(l for l, c in zip(lines, chosen) if not c).encode())
+    write_bytes_atomically(os.path.join(folder, "train.txt"), kept.encode())
     print(f"wrote {os.path.join(folder, 'val.txt')}: {size} validation lines; {folder}/train.txt keeps "
           f"{len(lines) - size}")
     return 0

@@ -56,8 +56,9 @@ def existing_outputs(args):
     snapshots = sorted(checkpoint.existing_snapshots(args).values())
     if snapshots:
         found.append(("snapshots", f"{len(snapshots)} snapshot(s) {checkpoint.snapshot_prefix(args)}*", snapshots))
-    for kind, description, path in (("log", "log", os.path.join(args.log_dir, f"{args.annotation}.log")),
-                                    ("tensorboard", "TensorBoard folder", os.path.join(args.runs_dir, args.annotation))):
+    log_file = os.path.join(args.log_dir, f"{args.annotation}.log")
+    events = os.path.join(args.runs_dir, args.annotation)
+    for kind, description, path in (("log", "log", log_file), ("tensorboard", "TensorBoard folder", events)):
         if os.path.lexists(path):
             found.append((kind, f"{description} {path}", [path]))
     outputs = sorted(glob.glob(os.path.join(glob.escape(args.test_output_dir), glob.escape(args.annotation))

@@ -22,13 +22,24 @@ import checkpoint
 import collapse
 import data_list
 import distributed
-import loss
 import evaluation
+import loss
 import network
 import recipes
 import run_files
-from runtime import (CliError, StopSignals, Stopped, UsageError, autocast, format_duration, rank_seed, run_cli,
-                     seed_everything, setup_logging, str2bool)
+from runtime import (
+    CliError,
+    Stopped,
+    StopSignals,
+    UsageError,
+    autocast,
+    format_duration,
+    rank_seed,
+    run_cli,
+    seed_everything,
+    setup_logging,
+    str2bool,
+)
 
 log = logging.getLogger("mmhh")
 
@@ -117,7 +128,8 @@ def build_parser():
                             "different things, as the ordered composites of pre_process.py pairs)")
 
     objective = parser.add_argument_group("loss")
-    objective.add_argument("--distance_type", default="MMHH", choices=["MMHH", "MMHH_paper", "DCH", "HashNet", "Hamming"],
+    objective.add_argument("--distance_type", default="MMHH",
+                           choices=["MMHH", "MMHH_paper", "DCH", "HashNet", "Hamming"],
                            help="pair loss: MMHH (as released), MMHH_paper (reconstructed paper form), DCH, "
                                 "HashNet ('Hamming' is the release's name for HashNet)")
     objective.add_argument("--gamma", type=float, default=1.0, help="γ of the MMHH/DCH probability (default 1)")

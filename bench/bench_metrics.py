@@ -266,7 +266,8 @@ def main(argv=None):
 def print_table(rows, args):
     """The README's table: ours against both numpy baselines (MAP@R has one: argpartition)."""
     gpu = args.device.startswith("cuda")
-    print(f"| codes | database × queries × bits | mean ball (r = {args.radius}) | figure | ours{' (GPU)' if gpu else ''} "
+    ours = "ours (GPU)" if gpu else "ours"
+    print(f"| codes | database × queries × bits | mean ball (r = {args.radius}) | figure | {ours} "
           f"| numpy, ball argsort | speed-up | numpy, full argsort (as released) | speed-up "
           f"| peak extra memory: ours / numpy |")
     print("|---|---|---|---|---|---|---|---|---|---|")

@@ -44,7 +44,8 @@ def parse_args(argv=None):
     parser.add_argument("--dataset", default="fashion_mnist",
                         help="the dataset the codes were made from; its query images are the uploads")
     parser.add_argument("--data_dir", default="data", help="folder of the dataset folders (default data)")
-    parser.add_argument("--model_path", default=DEMO_SNAPSHOT, help="snapshot that encodes uploads (default: the demo's)")
+    parser.add_argument("--model_path", default=DEMO_SNAPSHOT,
+                        help="snapshot that encodes uploads (default: the demo's)")
     parser.add_argument("--clients", type=int, default=2, help="concurrent clients (default 2)")
     parser.add_argument("--item_requests", type=int, default=4000, help="searches by item (default 4000)")
     parser.add_argument("--upload_requests", type=int, default=4000, help="searches by upload (default 4000)")
@@ -120,7 +121,8 @@ def running_server(args, index_path, folder):
     port = free_port()
     log_path = os.path.join(folder, "serve.log")
     with open(log_path, "w") as log_file:
-        server = subprocess.Popen([sys.executable, os.path.join(ROOT, "serve.py"), "--index", index_path, "--model_path", args.model_path,
+        server = subprocess.Popen([sys.executable, os.path.join(ROOT, "serve.py"), "--index", index_path,
+                                   "--model_path", args.model_path,
                                    "--allow_writes", "--port", str(port), "--gpu_id", "cpu", "--workers", "0"],
                                   stdout=log_file, stderr=subprocess.STDOUT)
     try:

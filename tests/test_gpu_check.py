@@ -12,8 +12,8 @@ sys.path.insert(0, os.path.join(REPO, "bench"))
 
 import gpu_check_steps  # noqa: E402  (bench/ is not a package)
 
-STEPS = ["environment", "fashion_data", "metrics_equal", "metrics_timing", "bench_train", "demo_amp", "ddp", "test_suite",
-         "bench_metrics", "demo_fp32"]
+STEPS = ["environment", "fashion_data", "metrics_equal", "metrics_timing", "bench_train", "demo_amp", "ddp",
+         "test_suite", "bench_metrics", "demo_fp32"]
 FILES = {"summary.json", "gpu_check.log", "pytest.log", "train.log", "bench_train.json", "metrics_equal.json"}
 
 

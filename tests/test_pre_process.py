@@ -326,7 +326,7 @@ def test_nuswide_dhn_per_concept_sampling(tmp_path, concepts):
     kept = int(labels[:, columns].any(1).sum())
     sizes = {s: len(p) for s, (p, _) in lists.items()}
     assert sizes == {"train": concepts, "test": concepts, "database": kept - concepts}
-    assert all(l.shape[1] == concepts and l.any(1).all() for _, l in lists.values())
+    assert all(labels.shape[1] == concepts and labels.any(1).all() for _, labels in lists.values())
     for split in ("train", "test"):
         assert (lists[split][1].sum(0) >= 1).all()  # every concept drawn at least once
     assert set(lists["train"][0]) <= set(lists["database"][0])
@@ -433,7 +433,7 @@ def test_imagenet100_val_queries_train_database(tmp_path):
                "--data_dir", data_dir) == 0
     spec, lists = read_lists(data_dir, "imagenet_100")
     assert {s: len(p) for s, (p, _) in lists.items()} == {"train": 6, "test": 6, "database": 15}
-    assert all(l.shape[1] == 3 and (l.sum(1) == 1).all() for _, l in lists.values())
+    assert all(labels.shape[1] == 3 and (labels.sum(1) == 1).all() for _, labels in lists.values())
     assert set(lists["train"][0]) <= set(lists["database"][0]) and spec.topk == 1000
     for paths, labels in lists.values():
         for path, row in zip(paths, labels):
@@ -514,7 +514,7 @@ def test_unseen_single_label_split(fashion):
     assert lists["train"][1].shape[1] == 7 and lists["test"][1].shape[1] == 3
     assert lists["train"][1].any(1).all() and lists["test"][1].any(1).all() and lists["database"][1].any(1).all()
     # every train image has a seen class in the parent; every query/database image an unseen one
-    parent_class = {p: int(l.argmax()) for s in parent.values() for p, l in zip(*s)}
+    parent_class = {p: int(row.argmax()) for s in parent.values() for p, row in zip(*s)}
     assert all(parent_class[p] in seen for p in lists["train"][0])
     assert all(parent_class[p] in unseen for s in ("test", "database") for p in lists[s][0])
     assert len(lists["train"][0]) == 14 and len(lists["test"][0]) == 3 and len(lists["database"][0]) == 15
@@ -539,7 +539,7 @@ def test_unseen_multilabel_explicit_classes(tmp_path):
     spec, lists = read_lists(data_dir, "nuswide_21_unseen_c0-5-11")
     unseen = [0, 5, 11]
     seen = [c for c in range(21) if c not in unseen]
-    rows = {p: l for s in parent.values() for p, l in zip(*s)}
+    rows = {p: row for s in parent.values() for p, row in zip(*s)}
     for path, row in zip(*lists["train"]):
         assert not rows[path][unseen].any()
         np.testing.assert_array_equal(row, rows[path][seen])
@@ -547,9 +547,9 @@ def test_unseen_multilabel_explicit_classes(tmp_path):
         for path, row in zip(*lists[split]):
             np.testing.assert_array_equal(row, rows[path][unseen])
             assert row.any()
-    both = [p for p, l in zip(*parent["database"]) if l[unseen].any() and l[seen].any()]
+    both = [p for p, row in zip(*parent["database"]) if row[unseen].any() and row[seen].any()]
     assert both and set(both) <= set(lists["database"][0])  # mixed images stay, with unseen columns
-    expected_train = [p for p, l in zip(*parent["train"]) if not l[unseen].any()]
+    expected_train = [p for p, row in zip(*parent["train"]) if not row[unseen].any()]
     assert lists["train"][0] == expected_train
     assert spec.topk == 5000 and spec.similar_weight == 5.0
 

@@ -155,7 +155,8 @@ def test_val_into_a_copy_whose_database_is_the_remaining_training_list(tmp_path,
     assert carve(tmp_path, tiny_data, "--size", "4", "--into", "tiny_tune", "--database", "train") == 0
     child = tiny_data / "tiny_tune"
     assert (child / "database.txt").read_text() == (child / "train.txt").read_text()
-    assert not set((child / "val.txt").read_text().splitlines()) & set((child / "database.txt").read_text().splitlines())
+    validation, database = ((child / name).read_text().splitlines() for name in ("val.txt", "database.txt"))
+    assert not set(validation) & set(database)
     record = json.loads((child / "dataset.json").read_text())
     assert record["sizes"]["database"] == 20 and record["val"]["database"] == "train"
     assert pre_process.main(["validate", "--dataset", "tiny_tune", "--data_dir", str(tiny_data)]) == 0

@@ -394,7 +394,7 @@ def test_each_bad_input_is_one_line_naming_it(trained, tmp_path, capsys):
 
 
 def test_the_bench_runs_and_checks_index_against_scan(capsys):
-    import bench_index        # bench/ is on the path (see the imports)
+    import bench_index  # bench/ is on the path (see the imports)
 
     threads = torch.get_num_threads()
     try:

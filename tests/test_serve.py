@@ -23,8 +23,8 @@ from PIL import Image
 
 import checkpoint
 import hamming_index
-import retrieve
 import retrieval
+import retrieve
 import serve
 from conftest import write_tiny_dataset
 from hamming_index import HammingIndex
@@ -235,7 +235,8 @@ def test_each_bad_input_is_a_4xx_naming_it_and_the_service_stays_up(served):
     # A chunked upload has no Content-Length: it is refused once the bytes received pass the limit.
     chunks = (b"--b\r\nContent-Disposition: form-data; name=\"image\"; filename=\"x.png\"\r\n\r\n",
               *[bytes(10_000)] * 20)
-    answer = client.post("/api/search", content=iter(chunks), headers={"Content-Type": "multipart/form-data; boundary=b"})
+    answer = client.post("/api/search", content=iter(chunks),
+                         headers={"Content-Type": "multipart/form-data; boundary=b"})
     assert answer.status_code == 413 and answer.json()["error"] == "the upload is over --max_upload_mb 0.002 MiB"
     assert client.post("/api/search", files=upload(served.query)).status_code == 200
 
@@ -358,7 +359,7 @@ def test_kill_9_while_writing_loses_no_acknowledged_item(served, writable):
 
 
 def test_the_bench_drives_the_service_without_errors(served, capsys):
-    import bench_serve        # bench/ is on the path (see the imports)
+    import bench_serve  # bench/ is on the path (see the imports)
 
     bench_serve.main(["--index", served.index, "--model_path", served.snapshot, "--dataset", "tiny", "--data_dir",
                       str(served.data), "--clients", "2", "--item_requests", "30", "--upload_requests", "20",
