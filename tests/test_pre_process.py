@@ -12,6 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import dataset_flags
+import dataset_sources
+import dataset_splits
 import pre_process
 from data_list import read_image_list, resolve_dataset
 
@@ -178,7 +181,7 @@ def test_fashion_mnist_sizes_labels_and_images(fashion, capsys):
 
 def test_fashion_mnist_pixels_follow_the_pooled_index(fashion):
     root, data_dir = fashion
-    images = pre_process.read_idx(os.path.join(root, "t10k-images-idx3-ubyte.gz"))
+    images = dataset_sources.read_idx(os.path.join(root, "t10k-images-idx3-ubyte.gz"))
     png = np.asarray(Image.open(os.path.join(data_dir, "fashion_mnist", "images", "00041.png")))
     np.testing.assert_array_equal(png, images[1])  # train holds 40 images, so 41 is t10k's second
 
@@ -261,7 +264,7 @@ def test_cifar10_protocols_with_training_images_in_the_database(tmp_path, protoc
                                              ("train_is_database", [1000, 5000])])
 def test_cifar10_protocol_default_sizes(protocol, sizes):
     args = pre_process.parse_args(["cifar10", "--root", "r", "--protocol", protocol])
-    assert pre_process.protocol_sizes(args, pre_process.CIFAR10_SIZES) == sizes  # 1,000 / 5,000 or 10,000 / 50,000
+    assert dataset_flags.protocol_sizes(args, dataset_splits.CIFAR10_SIZES) == sizes  # 1,000 / 5,000 or 10,000 / 50,000
 
 
 @pytest.mark.parametrize("protocol", ["hashnet", "disjoint"])
@@ -518,7 +521,7 @@ def test_unseen_single_label_split(fashion):
     assert all(parent_class[p] in seen for p in lists["train"][0])
     assert all(parent_class[p] in unseen for s in ("test", "database") for p in lists[s][0])
     assert len(lists["train"][0]) == 14 and len(lists["test"][0]) == 3 and len(lists["database"][0]) == 15
-    assert info["label_names"] == [pre_process.FASHION_MNIST_CLASSES[c] for c in unseen]
+    assert info["label_names"] == [dataset_sources.FASHION_MNIST_CLASSES[c] for c in unseen]
     assert_images_open(lists)
     first = list_texts(data_dir, "fashion_mnist_unseen0.3")
     assert run("unseen", "--dataset", "fashion_mnist", "--unseen_ratio", 0.3, "--seed", 2,
@@ -668,7 +671,7 @@ def pairs(tmp_path_factory):
 def test_pairs_composites_are_two_images_labelled_by_their_ordered_class_pair(pairs):
     root, data_dir = pairs
     spec, lists = read_lists(data_dir, "fashion_mnist_pairs")
-    pixels, classes = pre_process.read_fashion_mnist(root, download=False)
+    pixels, classes = dataset_sources.read_fashion_mnist(root, download=False)
     sources = {}
     for split, per_pair in (("test", 1), ("train", 2), ("database", 3)):
         paths, labels = lists[split]
