@@ -128,6 +128,15 @@ def restore_rng_state(state):
             torch.cuda.set_rng_state(cuda_state, index)
 
 
+def encoder_from_snapshot(args, device):
+    """(snapshot, its network in eval mode on ``device``) of ``args.model_path``; the image sizes not given
+    as flags become the snapshot's, so images are encoded as its training's evaluation encoded them."""
+    snapshot = load_snapshot(args.model_path)
+    args.resize_size = args.resize_size or snapshot["args"]["resize_size"]
+    args.crop_size = args.crop_size or snapshot["args"]["crop_size"]
+    return snapshot, model_from_snapshot(snapshot).to(device).eval()
+
+
 def model_from_snapshot(snapshot):
     """The hashing network a snapshot describes, with its trained weights."""
     args = snapshot["args"]

@@ -67,10 +67,7 @@ def load_model(args, device):
     image sizes not given as flags become the snapshot's."""
     if not args.model_path:
         return None, None
-    snapshot = checkpoint.load_snapshot(args.model_path)
-    args.resize_size = args.resize_size or snapshot["args"]["resize_size"]
-    args.crop_size = args.crop_size or snapshot["args"]["crop_size"]
-    return snapshot, checkpoint.model_from_snapshot(snapshot).to(device).eval()
+    return checkpoint.encoder_from_snapshot(args, device)
 
 
 def database_index(args, snapshot, model, device):

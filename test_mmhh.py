@@ -66,13 +66,10 @@ def main(argv=None):
         return score_saved_codes(args, device)
     if not args.model_path:
         raise UsageError("give --model_path SNAPSHOT (or --codes_dir DIR to score saved codes)")
-    snapshot = checkpoint.load_snapshot(args.model_path)
+    snapshot, model = checkpoint.encoder_from_snapshot(args, device)
     trained = snapshot["args"]
     checkpoint.check_network_matches(trained, args.model_path, hash_bit=args.hash_bit,
                                      image_network=args.image_network)
-    args.resize_size = args.resize_size or trained["resize_size"]
-    args.crop_size = args.crop_size or trained["crop_size"]
-    model = checkpoint.model_from_snapshot(snapshot).to(device)
     spec = data_list.resolve_dataset(args.dataset or trained["t_dataset"], args.data_dir,
                                      test_list=args.test_list, database_list=args.database_list,
                                      data_root=args.data_root, needs=("test", "database"))
