@@ -84,8 +84,10 @@ ABLATION_WEIGHTS = ["1", "config"]
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=("data", "tune", "table", "ablation", "report"))
-    parser.add_argument("--protocols", nargs="+", default=list(PROTOCOLS), choices=list(PROTOCOLS))
+    parser.add_argument("stage", choices=("data", "tune", "table", "ablation", "report"),
+                        help="what to build or run (see above)")
+    parser.add_argument("--protocols", nargs="+", default=list(PROTOCOLS), choices=list(PROTOCOLS),
+                        help="protocols to build, tune, run or report (default: all five)")
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS,
                         help="methods to tune (default: all); table and report always take all four")
     parser.add_argument("--output", default="claims", help="folder of every stage's outputs (default claims)")
@@ -201,6 +203,11 @@ def ablation(args):
     return failed
 
 
+def results_so_far(path):
+    """The rows of a compare.py results.csv, or none when that stage has not started."""
+    return read_results(path) if os.path.exists(path) else []
+
+
 def report(args):
     """claims/report.md: the tuning, the five-protocol table and the ablation, from what has finished."""
     parts = ["# The paper's claims on Fashion-MNIST\n", report_preamble()]
@@ -228,7 +235,7 @@ def main_table(args):
     summaries = {}
     for name in args.protocols:
         path = os.path.join(args.output, name, "table", "results.csv")
-        results = read_results(path) if os.path.exists(path) else []
+        results = results_so_far(path)
         for method in METHODS:
             for bits in BITS:
                 summaries[method, name, bits] = cell_summary(results, method, int(bits), "map_radius_deephash")
@@ -260,7 +267,7 @@ def tuning_table(args, name):
         cells = []
         for setting in settings:
             path = os.path.join(args.output, name, "tune", method, setting, "results.csv")
-            results = read_results(path) if os.path.exists(path) else []
+            results = results_so_far(path)
             for bits in BITS:
                 summary = cell_summary(results, method, int(bits), "map_radius_deephash")
                 cells.append(cell_text(summary) if summary["asked"] else "not run")
@@ -278,7 +285,7 @@ def ablation_table(args):
         cells = []
         for weight in ABLATION_WEIGHTS:
             path = os.path.join(args.output, "ablation", f"{batch_type}_w{weight}", "results.csv")
-            results = read_results(path) if os.path.exists(path) else []
+            results = results_so_far(path)
             summary = cell_summary(results, "MMHH", 48, "map_radius_deephash")
             cells.append(cell_text(summary) if summary["asked"] else "not run")
         rows.append(f"| {batch_type} | " + " | ".join(cells) + " |")
