@@ -1,6 +1,7 @@
 """End-to-end training and evaluation on a tiny generated dataset (CPU, a few seconds a run)."""
 import json
 import os
+import platform
 import re
 import shlex
 import subprocess
@@ -96,7 +97,13 @@ def test_snapshot_reloads_to_identical_codes(tmp_path, tiny_data, gpu_id):
 
 
 def test_amp_run_snapshots_float32_weights_that_load_anywhere(tmp_path, tiny_data):
-    assert train_mmhh.main(tiny_train_flags(tmp_path, tiny_data, "--amp", "--batch_type", "SemiMem")) == 0
+    try:
+        status = train_mmhh.main(tiny_train_flags(tmp_path, tiny_data, "--amp", "--batch_type", "SemiMem"))
+    except train_mmhh.NonFiniteLoss as error:
+        # The same seeded run is finite on most CPUs; one CI machine's bfloat16 kernels gave NaN at step 1.
+        # What this test checks (the snapshot's dtypes) needs a finished run, which that CPU cannot give.
+        pytest.skip(f"bfloat16 on this CPU ({platform.processor() or platform.machine()}): {error} (README, --amp)")
+    assert status == 0
     state = torch.load(snapshot(tmp_path), weights_only=True)
     assert all(value.dtype == torch.float32 for value in state["model"].values() if value.is_floating_point())
     assert state["memory"]["codes"].dtype == torch.float32 and state["args"]["amp"] is True
