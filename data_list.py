@@ -91,9 +91,11 @@ def resolve_dataset(name, data_dir="data", train_list=None, test_list=None, data
     overrides = {"train": train_list, "test": test_list, "database": database_list}
     info = dict(PRESETS.get(name, DEFAULT_PRESET))
     presets_from = "preset" if name in PRESETS else "default"
-    info_path = os.path.join(folder, "dataset.json")
-    if os.path.isfile(info_path):
-        info.update(_read_dataset_json(info_path, folder))
+    record = read_dataset_json(folder)
+    if record:
+        info.update({key: record[key] for key in ("topk", "similar_weight", "data_root") if key in record})
+        if record.get("data_root") is not None and not os.path.isabs(record["data_root"]):
+            info["data_root"] = os.path.normpath(os.path.join(folder, record["data_root"]))
         presets_from = "dataset.json"
     elif presets_from == "default" and not os.path.isdir(folder) and not all(overrides.get(s) for s in needs):
         raise DataError(unknown_dataset_message(name, data_dir, needs))
@@ -134,48 +136,82 @@ def unknown_dataset_message(name, data_dir, needs=SPLITS):
             f"or pass {flags}.")
 
 
-def read_image_list(list_path, data_root=None):
-    """Parse a HashNet-format list into image paths and a (n, C) uint8 label matrix."""
+@dataclass(frozen=True)
+class ListFile:
+    """A parsed list file: one entry a non-blank line, in file order."""
+    path: str
+    line_numbers: list         # the file's line of each entry
+    tokens: list               # each image path as written
+    paths: list                # resolved against the data root, else the list file's folder
+    labels: np.ndarray | None  # (n, C) uint8; None for a list without labels (``labels_optional``)
+
+    @property
+    def origins(self):
+        """``file:line`` of each entry, so that an error about an image names its line."""
+        return [f"{self.path}:{number}" for number in self.line_numbers]
+
+
+def read_list_file(list_path, data_root=None, labels_optional=False):
+    """Parse a HashNet-format list; a DataError names the file and line and says how to fix it.
+
+    Every line needs 0/1 labels, as many as the first line's; with ``labels_optional`` a list may carry
+    none at all (``labels`` is then None), but not labels on some lines only.
+    """
     if not os.path.isfile(list_path):
         raise DataError(f"list file {list_path} does not exist")
-    base = data_root if data_root is not None else os.path.dirname(os.path.abspath(list_path))
-    paths, rows = [], []
-    with open(list_path, encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            fields = line.split()
-            if not fields:
-                continue
-            rows.append(_parse_labels(fields[1:], rows[0] if rows else None, list_path, line_number))
-            paths.append(os.path.join(base, fields[0]))
-    if not paths:
+    try:
+        with open(list_path, encoding="utf-8") as handle:
+            lines = [(number, line.split()) for number, line in enumerate(handle, start=1)]
+    except UnicodeDecodeError as error:
+        raise DataError(f"{list_path}: not UTF-8 text ({error}); rewrite the list as UTF-8") from None
+    entries = [(number, fields) for number, fields in lines if fields]
+    if not entries:
         raise DataError(f"{list_path}: the list is empty; it needs one 'path l1 ... lC' line per image")
-    return paths, np.asarray(rows, dtype=np.uint8)
+    unlabelled = labels_optional and len(entries[0][1]) == 1
+    rows = []
+    for number, fields in entries:
+        if labels_optional and unlabelled != (len(fields) == 1):
+            raise DataError(f"{list_path}:{number}: some lines have labels and some do not; give 0/1 labels on "
+                            "every line or on none")
+        if not unlabelled:
+            rows.append(_parse_labels(fields[1:], rows[0] if rows else None, f"{list_path}:{number}"))
+    base = data_root if data_root is not None else os.path.dirname(os.path.abspath(list_path))
+    tokens = [fields[0] for _, fields in entries]
+    return ListFile(path=list_path, line_numbers=[number for number, _ in entries], tokens=tokens,
+                    paths=[os.path.join(base, token) for token in tokens],
+                    labels=None if unlabelled else np.asarray(rows, dtype=np.uint8))
 
 
-def check_images_exist(paths, list_path):
+def read_dataset_json(folder):
+    """The record of ``folder/dataset.json`` as written (``{}`` when there is none); DataError when unreadable."""
+    path = os.path.join(folder, "dataset.json")
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DataError(f"{path} is not valid JSON ({error}); rebuild it with pre_process.py") from None
+
+
+def check_images_exist(listing):
     """Fail before any training when an image of the list is missing or unreadable."""
-    for line_number, path in enumerate(paths, start=1):
+    for origin, path in zip(listing.origins, listing.paths):
         if not os.access(path, os.R_OK):
-            raise DataError(f"{list_path}: image {path} (entry {line_number}) is missing or unreadable; "
-                            "fix the list or pass --data_root to the folder the paths are relative to")
+            raise DataError(f"{origin}: image {path} is missing or unreadable; fix the list or pass --data_root "
+                            "to the folder the paths are relative to")
 
 
 def verify_list_images(list_path, data_root=None, log_every=5000):
     """Parse a list and decode every image it names; a DataError names the first bad one."""
-    paths, labels = read_image_list(list_path, data_root)
-    for done, (origin, path) in enumerate(zip(line_origins(list_path), paths), start=1):
+    listing = read_list_file(list_path, data_root)
+    for done, (origin, path) in enumerate(zip(listing.origins, listing.paths), start=1):
         problem = image_problem(path)
         if problem:
             raise DataError(f"{origin}: image {path} {problem}")
         if done % log_every == 0:
-            print(f"  {list_path}: {done}/{len(paths)} images open", flush=True)
-    return paths, labels
-
-
-def line_origins(list_path):
-    """``file:line`` of each image of a list, in list order (blank lines hold no image)."""
-    with open(list_path, encoding="utf-8") as handle:
-        return [f"{list_path}:{number}" for number, line in enumerate(handle, start=1) if line.split()]
+            print(f"  {list_path}: {done}/{len(listing.paths)} images open", flush=True)
+    return listing
 
 
 def image_problem(path):
@@ -191,8 +227,7 @@ def image_problem(path):
     return None
 
 
-def _parse_labels(tokens, first_row, list_path, line_number):
-    where = f"{list_path}:{line_number}"
+def _parse_labels(tokens, first_row, where):
     if not tokens:
         raise DataError(f"{where}: no labels after the image path; expected 'path l1 ... lC' with 0/1 labels")
     if any(token not in ("0", "1") for token in tokens):
@@ -203,22 +238,10 @@ def _parse_labels(tokens, first_row, list_path, line_number):
     return [int(token) for token in tokens]
 
 
-def _read_dataset_json(info_path, folder):
-    try:
-        with open(info_path, encoding="utf-8") as handle:
-            info = json.load(handle)
-    except (OSError, json.JSONDecodeError) as error:
-        raise DataError(f"{info_path} is not valid JSON ({error}); rebuild it with pre_process.py") from None
-    root = info.get("data_root")
-    if root is not None and not os.path.isabs(root):
-        info["data_root"] = os.path.normpath(os.path.join(folder, root))
-    return {key: info[key] for key in ("topk", "similar_weight", "data_root") if key in info}
-
-
 class ImageList(Dataset):
     """Images of a list with their labels; yields ``(image, label, index)``.
 
-    ``origins`` (``file:line`` of each image, see ``line_origins``) let a decoding error name its line.
+    ``origins`` (``file:line`` of each image, ``ListFile.origins``) let a decoding error name its line.
     """
 
     def __init__(self, paths, labels, transform=None, origins=None):
@@ -244,11 +267,10 @@ class ImageList(Dataset):
 
 
 def read_checked_list(spec, split):
-    """Image paths and labels of one of ``spec``'s lists, every image checked to be readable."""
-    list_path = require_list(spec, split)
-    paths, labels = read_image_list(list_path, spec.data_root)
-    check_images_exist(paths, list_path)
-    return paths, labels
+    """One of ``spec``'s lists (a ListFile), every image checked to be readable."""
+    listing = read_list_file(require_list(spec, split), spec.data_root)
+    check_images_exist(listing)
+    return listing
 
 
 class EpochBatchSampler(Sampler):

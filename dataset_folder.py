@@ -10,7 +10,7 @@ import sys
 import numpy as np
 from PIL import Image
 
-from data_list import PRESETS, SPLITS, DataError, read_image_list
+from data_list import PRESETS, SPLITS
 from runtime import write_bytes_atomically
 
 # ---------------------------------------------------------------- writing
@@ -154,41 +154,7 @@ class _Serial:
         return map(function, items)
 
 
-# ---------------------------------------------------------------- reading
-
-def read_list(path, data_root):
-    """Line numbers, resolved image paths and labels of a list; DataError names file and line."""
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: the list file does not exist; build it with pre_process.py")
-    try:
-        paths, labels = read_image_list(path, data_root)
-        line_numbers = [number for number, _ in list_entries(path)]
-    except UnicodeDecodeError as error:
-        raise DataError(f"{path}: not UTF-8 text ({error}); rewrite the list as UTF-8") from None
-    return line_numbers, paths, labels
-
-
-def list_entries(list_path):
-    """(line number, path token) of every non-blank line, as read_image_list counts them."""
-    entries = []
-    with open(list_path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            fields = line.split()
-            if fields:
-                entries.append((number, fields[0]))
-    return entries
-
-
-def read_dataset_json(folder):
-    path = os.path.join(folder, "dataset.json")
-    if not os.path.isfile(path):
-        return {}
-    try:
-        with open(path, encoding="utf-8") as handle:
-            return json.load(handle)
-    except (OSError, json.JSONDecodeError) as error:
-        raise DataError(f"{path} is not valid JSON ({error}); rebuild it with pre_process.py") from None
-
+# ---------------------------------------------------------------- label statistics
 
 def label_counts(labels):
     """Lines, all-zero label rows and positives per label of a (n, C) label matrix."""

@@ -6,7 +6,7 @@ import shutil
 
 import numpy as np
 
-from data_list import SPLITS, DataError, require_list, resolve_dataset
+from data_list import SPLITS, DataError, read_dataset_json, read_list_file, require_list, resolve_dataset
 from dataset_flags import (
     add_command,
     add_data_dir,
@@ -19,12 +19,9 @@ from dataset_flags import (
 )
 from dataset_folder import (
     dataset_record,
-    list_entries,
     list_text,
     map_with_progress,
     one_hot,
-    read_dataset_json,
-    read_list,
     write_dataset,
     write_dataset_json,
     write_png_unless_present,
@@ -313,7 +310,7 @@ def carve_validation(args):
     if args.database == "train" and not args.into:
         raise UsageError("--database train replaces the database list, so it needs --into NEW; NAME's own "
                          "lists stay as they are")
-    read_list(train_path, None)  # a clear file:line error before anything moves
+    read_list_file(train_path)  # a clear file:line error before anything moves
     with open(train_path, encoding="utf-8") as handle:
         lines = [line if line.endswith("\n") else line + "\n" for line in handle if line.strip()]
     size = args.size if args.size is not None else round(args.ratio * len(lines))
@@ -352,8 +349,8 @@ def read_parent(name, data_dir):
     entries = {}
     for split in SPLITS:
         path = require_list(spec, split)
-        _, _, labels = read_list(path, None)
-        entries[split] = ([token for _, token in list_entries(path)], labels)
+        listing = read_list_file(path)
+        entries[split] = (listing.tokens, listing.labels)
     return spec, read_dataset_json(spec.folder), entries
 
 

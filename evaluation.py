@@ -64,7 +64,7 @@ def evaluate_model(model, spec, args, device, output_dir=None, query_split="test
     queries = evaluation_dataset(spec, query_split, args)
     leave_out = set()
     if query_split == data_list.VAL_SPLIT:
-        leave_out = set(map(_normalised, data_list.read_checked_list(spec, query_split)[0]))
+        leave_out = set(map(_normalised, data_list.read_checked_list(spec, query_split).paths))
     database = evaluation_dataset(spec, "database", args, leave_out)
     codes = {}
     for split, dataset in (("database", database), (query_split, queries)):
@@ -83,8 +83,8 @@ def evaluate_model(model, spec, args, device, output_dir=None, query_split="test
 
 def evaluation_dataset(spec, split, args, leave_out=frozenset()):
     """The images of one evaluation list but ``leave_out``, sampled by --test_sample_ratio (seeded)."""
-    paths, labels = data_list.read_checked_list(spec, split)
-    origins = data_list.line_origins(spec.lists[split])
+    listing = data_list.read_checked_list(spec, split)
+    paths, labels, origins = listing.paths, listing.labels, listing.origins
     if leave_out:
         kept = [i for i, path in enumerate(paths) if _normalised(path) not in leave_out]
         log.info("%s: %d of its %d items are validation queries and are left out for this evaluation", split,

@@ -2,9 +2,9 @@
 defects printed as file:line: problem."""
 import os
 
-from data_list import DataError, image_problem, require_list, resolve_dataset
+from data_list import DataError, image_problem, read_dataset_json, read_list_file, require_list, resolve_dataset
 from dataset_flags import add_command, add_data_dir, add_workers
-from dataset_folder import label_counts, map_with_progress, read_dataset_json, read_list
+from dataset_folder import label_counts, map_with_progress
 
 
 def add_validate_command(commands):
@@ -27,11 +27,11 @@ def validate(args):
     defects, parsed = [], {}
     for name, path in lists.items():
         try:
-            parsed[name] = read_list(path, data_root)
+            parsed[name] = read_list_file(path, data_root)
         except DataError as error:
             defects.append(str(error))
     defects += width_defects(parsed, lists, protocol)
-    defects += image_defects(parsed, lists, args.workers)
+    defects += image_defects(parsed, args.workers)
     print_list_stats(parsed, lists)
     print_overlaps(parsed)
     for defect in defects:
@@ -58,35 +58,34 @@ def width_defects(parsed, lists, protocol):
     for group in groups:
         present = [name for name in group if name in parsed]
         for name in present[1:]:
-            reference, width = present[0], parsed[present[0]][2].shape[1]
-            line_numbers, _, labels = parsed[name]
-            if labels.shape[1] != width:
-                defects.append(f"{lists[name]}:{line_numbers[0]}: {labels.shape[1]} labels a line, but "
+            reference, width = present[0], parsed[present[0]].labels.shape[1]
+            listing = parsed[name]
+            if listing.labels.shape[1] != width:
+                defects.append(f"{listing.origins[0]}: {listing.labels.shape[1]} labels a line, but "
                                f"{lists[reference]} has {width}; rebuild the lists so the widths agree")
     return defects
 
 
-def image_defects(parsed, lists, workers):
+def image_defects(parsed, workers):
     """Each list line whose image is missing or does not decode."""
-    unique = sorted({path for _, paths, _ in parsed.values() for path in paths})
+    unique = sorted({path for listing in parsed.values() for path in listing.paths})
     problems = dict(zip(unique, map_with_progress(image_problem, unique, workers, "images checked")))
-    return [f"{lists[name]}:{number}: image {path} {problems[path]}"
-            for name, (line_numbers, paths, _) in parsed.items()
-            for number, path in zip(line_numbers, paths) if problems[path]]
+    return [f"{origin}: image {path} {problems[path]}"
+            for listing in parsed.values() for origin, path in zip(listing.origins, listing.paths) if problems[path]]
 
 
 def print_list_stats(parsed, lists):
-    for name, (_, _, labels) in parsed.items():
-        counts = label_counts(labels)
-        print(f"{name} ({lists[name]}): {counts['lines']} images, {labels.shape[1]} labels, "
+    for name, listing in parsed.items():
+        counts = label_counts(listing.labels)
+        print(f"{name} ({lists[name]}): {counts['lines']} images, {listing.labels.shape[1]} labels, "
               f"{counts['all_zero_rows']} all-zero label rows")
         positives = enumerate(counts["positives_per_label"])
         print("  positives per label: " + " ".join(f"{c}:{n}" for c, n in positives))
 
 
 def print_overlaps(parsed):
-    images = {name: {os.path.normpath(os.path.abspath(p)) for p in paths}
-              for name, (_, paths, _) in parsed.items()}
+    images = {name: {os.path.normpath(os.path.abspath(p)) for p in listing.paths}
+              for name, listing in parsed.items()}
     names = list(images)
     for i, first in enumerate(names):
         for second in names[i + 1:]:

@@ -4,15 +4,13 @@ import hashlib
 import os
 import sys
 
-from data_list import DEFAULT_PRESET, PRESETS, SPLITS, DataError
+from data_list import DEFAULT_PRESET, PRESETS, SPLITS, DataError, read_list_file
 from dataset_flags import add_command, add_data_dir
 from dataset_folder import (
     dataset_record,
     label_counts,
-    list_entries,
     list_text,
     print_written,
-    read_list,
     write_folder_whole,
 )
 from runtime import UsageError
@@ -47,14 +45,14 @@ def import_lists(args):
     folder = os.path.join(args.data_dir, args.dataset)
     sources = {split: getattr(args, f"{split}_list") for split in SPLITS}
     check_import_paths(args, sources, folder)
-    published = {split: read_published_list(path) for split, path in sources.items()}
-    width = common_label_width(sources, {split: labels.shape[1] for split, (*_, labels) in published.items()})
-    wanted = {path_components(token)[-1] for _, tokens, _ in published.values() for token in tokens}
+    published = {split: read_list_file(path) for split, path in sources.items()}
+    width = common_label_width(sources, {split: listing.labels.shape[1] for split, listing in published.items()})
+    wanted = {path_components(token)[-1] for listing in published.values() for token in listing.tokens}
     mapped, problems = map_lists(published, sources, index_images(args.image_root, wanted), args.image_root)
     if problems:
         return report_unmapped(problems, args.image_root)
     # the labels were parsed as 0/1 tokens, so writing them back gives the same tokens
-    lists = {split: list_text(mapped[split], published[split][2]) for split in SPLITS}
+    lists = {split: list_text(mapped[split], published[split].labels) for split in SPLITS}
     record = dataset_record(args, args.dataset, width, mapped, root=args.image_root,
                             data_root=os.path.abspath(args.image_root),
                             presets=PRESETS.get(args.dataset, DEFAULT_PRESET),
@@ -80,9 +78,9 @@ def check_import_paths(args, sources, folder):
 def map_lists(published, sources, by_name, root):
     """Each list's image paths under ``root`` (None where unmapped) and a file:line problem per bad line."""
     mapped, problems = {}, []
-    for split, (numbers, tokens, _) in published.items():
+    for split, listing in published.items():
         mapped[split] = []
-        for number, token in zip(numbers, tokens):
+        for number, token in zip(listing.line_numbers, listing.tokens):
             match, problem = best_match(token, by_name, root)
             mapped[split].append(match)
             if problem:
@@ -98,13 +96,6 @@ def common_label_width(sources, widths):
                             f"--train_list {sources['train']} has {widths['train']}; pass the three "
                             "lists of one dataset")
     return widths["train"]
-
-
-def read_published_list(path):
-    """Line numbers, path tokens and labels of a HashNet-format list."""
-    _, _, labels = read_list(path, None)
-    numbers, tokens = zip(*list_entries(path))
-    return list(numbers), list(tokens), labels
 
 
 def path_components(token):
@@ -176,7 +167,7 @@ def imported_protocol(sources, published, mapped):
     return {"type": "imported",
             "source_files": {split: {"path": os.path.abspath(path), "sha256": file_sha256(path)}
                              for split, path in sources.items()},
-            "counts": {split: label_counts(labels) for split, (_, _, labels) in published.items()},
+            "counts": {split: label_counts(listing.labels) for split, listing in published.items()},
             "queries_in_database": sum(path in database for path in mapped["test"]),
             "train_in_database": sum(path in database for path in mapped["train"])}
 

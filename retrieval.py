@@ -3,6 +3,7 @@ name (an index file, test_mmhh.py's saved codes, or a list encoded by a snapshot
 evaluation encodes them, and each query's answer as the JSON document both scripts give (README,
 "Retrieval: the Hamming-ball lookup" and "Search page and API").
 """
+import dataclasses
 import logging
 import os
 
@@ -90,9 +91,10 @@ def saved_codes_index(args):
     database_codes, database_labels, _, _ = evaluation.load_codes(args.codes_dir)
     paths = None
     if args.dataset or args.database_list:
-        list_path, paths, _ = read_database_list(args, None)
+        listing = read_database_list(args, None)
+        paths = listing.paths
         if len(paths) != len(database_codes):
-            raise UsageError(f"{list_path} lists {len(paths)} images but --codes_dir {args.codes_dir} holds "
+            raise UsageError(f"{listing.path} lists {len(paths)} images but --codes_dir {args.codes_dir} holds "
                              f"{len(database_codes)} codes: give the database list the codes were made from")
     else:
         recorded = evaluation.saved_dataset_name(args.codes_dir)
@@ -105,17 +107,17 @@ def saved_codes_index(args):
 
 def encoded_index(args, default_dataset, model, device):
     """Encode a database list (--database_list, else --dataset's, else the snapshot's dataset's)."""
-    list_path, paths, labels = read_database_list(args, default_dataset)
-    data_list.check_images_exist(paths, list_path)
-    log.info("indexing the %d images of %s", len(paths), list_path)
-    database = data_list.ImageList(paths, labels, image_transform(args), data_list.line_origins(list_path))
+    listing = read_database_list(args, default_dataset)
+    data_list.check_images_exist(listing)
+    log.info("indexing the %d images of %s", len(listing.paths), listing.path)
+    database = data_list.ImageList(listing.paths, listing.labels, image_transform(args), listing.origins)
     codes = encode_images(model, database, args, device, "encoding database")
-    source = {"model_path": os.path.abspath(args.model_path), "database_list": os.path.abspath(list_path)}
-    return HammingIndex(codes, paths, labels, source)
+    source = {"model_path": os.path.abspath(args.model_path), "database_list": os.path.abspath(listing.path)}
+    return HammingIndex(codes, listing.paths, listing.labels, source)
 
 
 def read_database_list(args, default_dataset):
-    """(list file, absolute image paths, (N, C) labels) of --database_list, else of the dataset's list."""
+    """The ListFile of --database_list, else of the dataset's database list, its image paths absolute."""
     if args.database_list and not args.dataset:
         list_path, root = args.database_list, args.data_root
     else:
@@ -123,8 +125,8 @@ def read_database_list(args, default_dataset):
                                          database_list=args.database_list, data_root=args.data_root,
                                          needs=("database",))
         list_path, root = data_list.require_list(spec, "database"), spec.data_root
-    paths, labels = data_list.read_image_list(list_path, root)
-    return list_path, [os.path.abspath(path) for path in paths], labels
+    listing = data_list.read_list_file(list_path, root)
+    return dataclasses.replace(listing, paths=[os.path.abspath(path) for path in listing.paths])
 
 
 def check_snapshot_fits(model_path, snapshot, index, index_name):

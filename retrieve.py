@@ -111,36 +111,18 @@ def read_queries(args, index):
             if not os.path.isfile(path):
                 raise data_list.DataError(f"--query {path}: no such image file")
         return list(args.query), None, ["--query"] * len(args.query)
-    with_labels = _lines_with_labels(args.query_list)
-    if with_labels:
-        paths, labels = data_list.read_image_list(args.query_list, args.data_root)
-        labels = torch.as_tensor(labels)
+    if not os.path.isfile(args.query_list):
+        raise data_list.DataError(f"--query_list {args.query_list} does not exist")
+    queries = data_list.read_list_file(args.query_list, args.data_root, labels_optional=True)
+    labels = None if queries.labels is None else torch.as_tensor(queries.labels)
+    if labels is not None:
         if index.labels is None:
             log.info("the index has no labels: relevance is not shown")
         elif labels.shape[1] != index.labels.shape[1]:
             raise UsageError(f"{args.query_list} has {labels.shape[1]} labels a line but the index's items have "
                              f"{index.labels.shape[1]}: give queries labelled like the database")
-    else:
-        base = args.data_root if args.data_root is not None else os.path.dirname(os.path.abspath(args.query_list))
-        with open(args.query_list, encoding="utf-8") as handle:
-            paths = [os.path.join(base, line.split()[0]) for line in handle if line.split()]
-        labels = None
-    data_list.check_images_exist(paths, args.query_list)
-    return paths, labels, data_list.line_origins(args.query_list)
-
-
-def _lines_with_labels(list_path):
-    """Whether the list's lines carry labels: all of them (True) or none (False)."""
-    if not os.path.isfile(list_path):
-        raise data_list.DataError(f"--query_list {list_path} does not exist")
-    with open(list_path, encoding="utf-8") as handle:
-        widths = {len(line.split()) > 1 for line in handle if line.split()}
-    if not widths:
-        raise data_list.DataError(f"{list_path}: the list is empty; it needs one 'path [l1 ... lC]' line per image")
-    if len(widths) > 1:
-        raise data_list.DataError(f"{list_path}: some lines have labels and some do not; give 0/1 labels on "
-                                  "every line or on none")
-    return widths.pop()
+    data_list.check_images_exist(queries)
+    return queries.paths, labels, queries.origins
 
 
 def print_answers(query_paths, answers, index, args):

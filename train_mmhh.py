@@ -252,7 +252,8 @@ def run_training(args, explicit):
     evaluation.log_default_presets(target, topk=args.topk)
     if args.check:
         return check_everything(args, source, target) if distributed.is_main() else 0
-    train_paths, train_labels = distributed.rank_zero_first(data_list.read_checked_list, source, "train")
+    train_list = distributed.rank_zero_first(data_list.read_checked_list, source, "train")
+    train_paths, train_labels = train_list.paths, train_list.labels
     # Fail now, not after hours of training.
     distributed.on_rank_zero(check_evaluation_lists, target, args.eval_split)
 
@@ -264,7 +265,7 @@ def run_training(args, explicit):
         train_set = data_list.ImageList(train_paths, train_labels,
                                         data_list.train_transform(args.resize_size, args.crop_size,
                                                                   args.crop_scale, flip=not args.no_flip),
-                                        origins=data_list.line_origins(source.lists["train"]))
+                                        origins=train_list.origins)
         loader = data_list.training_loader(train_set, args.batch_size, args.workers, args.seed, start,
                                            distributed.shard())
         rng = resumed and checkpoint.rank_rng_state(resumed, distributed.rank())
@@ -656,8 +657,8 @@ def evaluate(run, target, writer):
 def check_everything(args, source, target):
     """--check: every list parses, every image opens, the network and its weights can be built."""
     for spec, split in ((source, "train"), (target, args.eval_split), (target, "database")):
-        paths, _ = data_list.verify_list_images(data_list.require_list(spec, split), spec.data_root)
-        print(f"{split}: {spec.lists[split]}: {len(paths)} images, all open")
+        listing = data_list.verify_list_images(data_list.require_list(spec, split), spec.data_root)
+        print(f"{split}: {spec.lists[split]}: {len(listing.paths)} images, all open")
     if args.pre_model_path:
         load_pre_model(args)
     network.build_network(args.image_network, args.hash_bit, backbone=args.backbone, pretrained=args.pretrained)

@@ -103,7 +103,7 @@ def copy_index(args, path):
 def query_images(args):
     """The dataset's query images: never database items, so an upload is encoded, never looked up."""
     spec = data_list.resolve_dataset(args.dataset, args.data_dir, needs=("test",))
-    return data_list.read_image_list(data_list.require_list(spec, "test"), spec.data_root)[0]
+    return data_list.read_list_file(data_list.require_list(spec, "test"), spec.data_root).paths
 
 
 def multipart_body(path):

@@ -17,11 +17,33 @@ def write_list(path, lines):
 
 def test_list_parsing_resolves_paths_and_reads_labels(tmp_path):
     listing = write_list(tmp_path / "train.txt", ["a.png 1 0 1", "", "sub/b.png 0 0 0"])
-    paths, labels = data_list.read_image_list(str(listing))
-    assert paths == [str(tmp_path / "a.png"), str(tmp_path / "sub" / "b.png")]
-    np.testing.assert_array_equal(labels, [[1, 0, 1], [0, 0, 0]])
-    paths, _ = data_list.read_image_list(str(listing), data_root="/images")
-    assert paths[0] == "/images/a.png"
+    parsed = data_list.read_list_file(str(listing))
+    assert parsed.paths == [str(tmp_path / "a.png"), str(tmp_path / "sub" / "b.png")]
+    np.testing.assert_array_equal(parsed.labels, [[1, 0, 1], [0, 0, 0]])
+    assert parsed.tokens == ["a.png", "sub/b.png"] and parsed.line_numbers == [1, 3]
+    assert parsed.origins == [f"{listing}:1", f"{listing}:3"]
+    assert data_list.read_list_file(str(listing), data_root="/images").paths[0] == "/images/a.png"
+
+
+def test_a_list_without_labels_reads_only_where_labels_are_optional(tmp_path):
+    listing = write_list(tmp_path / "queries.txt", ["a.png", "", "b.png"])
+    parsed = data_list.read_list_file(str(listing), labels_optional=True)
+    assert parsed.labels is None and parsed.line_numbers == [1, 3]
+    with pytest.raises(data_list.DataError, match="queries.txt:1: no labels after the image path"):
+        data_list.read_list_file(str(listing))
+    labelled = data_list.read_list_file(str(write_list(tmp_path / "l.txt", ["a.png 0 1"])), labels_optional=True)
+    np.testing.assert_array_equal(labelled.labels, [[0, 1]])
+    for lines, line in ((["a.png 1", "b.png"], 2), (["a.png", "b.png 1"], 2)):
+        mixed = write_list(tmp_path / "mixed.txt", lines)
+        with pytest.raises(data_list.DataError, match=f"mixed.txt:{line}: some lines have labels and some do not"):
+            data_list.read_list_file(str(mixed), labels_optional=True)
+
+
+def test_a_list_that_is_not_utf8_names_the_file(tmp_path):
+    listing = tmp_path / "latin1.txt"
+    listing.write_bytes("caf\u00e9.png 1\n".encode("latin-1"))
+    with pytest.raises(data_list.DataError, match="latin1.txt: not UTF-8 text"):
+        data_list.read_list_file(str(listing))
 
 
 @pytest.mark.parametrize("lines, message", [
@@ -33,7 +55,7 @@ def test_list_parsing_resolves_paths_and_reads_labels(tmp_path):
 def test_list_errors_name_file_and_line(tmp_path, lines, message):
     listing = write_list(tmp_path / "train.txt", lines)
     with pytest.raises(data_list.DataError, match=message):
-        data_list.read_image_list(str(listing))
+        data_list.read_list_file(str(listing))
 
 
 def test_registry_reads_presets_dataset_json_and_overrides(tmp_path):

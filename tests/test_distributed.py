@@ -81,7 +81,8 @@ def train_config(flags, data_dir):
                                      "--similar_weight", "1", "--loss_lambda", "0.1", *flags])
     train_mmhh.finish_args(args)
     spec = data_list.resolve_dataset("tiny", data_dir, needs=("train",))
-    paths, labels = data_list.read_checked_list(spec, "train")
+    train_list = data_list.read_checked_list(spec, "train")
+    paths, labels = train_list.paths, train_list.labels
     torch.manual_seed(0)
     run = train_mmhh.build_run(args, spec, labels, torch.device("cpu"), runtime.StopSignals())
     train_mmhh.initialise_run(run, args, paths, labels)

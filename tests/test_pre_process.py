@@ -16,7 +16,7 @@ import dataset_flags
 import dataset_sources
 import dataset_splits
 import pre_process
-from data_list import read_image_list, resolve_dataset
+from data_list import read_list_file, resolve_dataset
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -130,7 +130,8 @@ def run(*argv):
 def read_lists(data_dir, name):
     """Resolve a built dataset and read its three lists: (spec, split -> (paths, labels))."""
     spec = resolve_dataset(name, data_dir=str(data_dir))
-    return spec, {split: read_image_list(path, spec.data_root) for split, path in spec.lists.items()}
+    listings = {split: read_list_file(path, spec.data_root) for split, path in spec.lists.items()}
+    return spec, {split: (listing.paths, listing.labels) for split, listing in listings.items()}
 
 
 def list_texts(data_dir, name):
@@ -472,7 +473,7 @@ def test_noise_relabels_exactly_round_rate_n(fashion):
     assert spec.topk == -1
     assert_images_open(noisy)
     resolved = resolve_dataset("fashion_mnist_noise0.3", data_dir=str(data_dir))
-    read_image_list(resolved.lists["train"], resolved.data_root)
+    read_list_file(resolved.lists["train"], resolved.data_root)
 
 
 def test_noise_multilabel_takes_another_images_labels_and_is_seeded(tmp_path):

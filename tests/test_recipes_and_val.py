@@ -60,7 +60,8 @@ def test_hashnet_recipe_steps_on_the_loss_of_the_two_half_batches(tiny_data, mon
     recipes.apply_recipe(args, explicit)
     train_mmhh.finish_args(args)
     spec = data_list.resolve_dataset("tiny", str(tiny_data), needs=("train",))
-    paths, labels = data_list.read_checked_list(spec, "train")
+    train_list = data_list.read_checked_list(spec, "train")
+    paths, labels = train_list.paths, train_list.labels
     run = train_mmhh.build_run(args, spec, labels, torch.device("cpu"), runtime.StopSignals())
     train_mmhh.initialise_run(run, args, paths, labels)
     images = data_list.ImageList(paths, labels, data_list.test_transform(args.resize_size, args.crop_size))
