@@ -215,6 +215,7 @@ def report(args):
     for name in args.protocols:
         parts.append(tuning_table(args, name))
     parts.append(ablation_table(args))
+    parts.append(time_table(args))
     path = os.path.join(args.output, "report.md")
     write_text_atomically(path, "\n".join(parts))
     print(f"wrote {path}")
@@ -290,6 +291,28 @@ def ablation_table(args):
             cells.append(cell_text(summary) if summary["asked"] else "not run")
         rows.append(f"| {batch_type} | " + " | ".join(cells) + " |")
     return "## The semi-batch memory on fashion_mnist_pairs, MMHH at 48 bits\n\n" + "\n".join(rows) + "\n"
+
+
+def time_table(args):
+    """Per stage: cells finished of those it asks, and the time they took (one thread each)."""
+    stages = {
+        "tune": ([os.path.join(args.output, name, "tune", method, setting) for name in args.protocols
+                  for method in METHODS for setting in [f"lr{lr}" for lr in LRS] + ["knob"]],
+                 len(args.protocols) * len(METHODS) * (len(LRS) + 1) * len(BITS)),
+        "table": ([os.path.join(args.output, name, "table") for name in args.protocols],
+                  len(args.protocols) * len(METHODS) * len(BITS) * len(SEEDS)),
+        "ablation": ([os.path.join(args.output, "ablation", f"{batch_type}_w{weight}") for batch_type in BATCH_TYPES
+                      for weight in ABLATION_WEIGHTS], len(BATCH_TYPES) * len(ABLATION_WEIGHTS) * len(SEEDS)),
+    }
+    rows = ["| stage | cells finished | time, summed | per cell |", "|---|---|---|---|"]
+    for stage, (folders, asked) in stages.items():
+        finished = [row for folder in folders for row in results_so_far(os.path.join(folder, "results.csv"))
+                    if row["status"] == "ok"]
+        seconds = sum(row["seconds"] for row in finished)
+        per_cell = f"{seconds / len(finished) / 60:.1f} min" if finished else "-"
+        rows.append(f"| {stage} | {len(finished)} of {asked} | {seconds / 3600:.1f} h | {per_cell} |")
+    return ("## Cells run and their time\n\nEach cell trains and evaluates on one thread (`OMP_NUM_THREADS=1`); "
+            "a resumed cell counts the time of its interrupted part too.\n\n" + "\n".join(rows) + "\n")
 
 
 if __name__ == "__main__":

@@ -65,3 +65,6 @@ def test_tune_then_table_then_report_on_tiny_data(tmp_path, tiny_data, monkeypat
     assert "## MAP@H<=2 on the test queries" in report and "(n=1)" in report
     assert f"tiny: MMHH `{choice['MMHH']['flags']}`" in report
     assert "## Tuning on tiny_tune" in report and "not run" in report  # the ablation has not run
+    # tune: 2 lrs + the knob at one length; table: one cell; the ablation asks 3 batch types x 2 weights x 1 seed
+    assert "| tune | 3 of 3 |" in report and "| table | 1 of 1 |" in report and "| ablation | 0 of 6 | 0.0 h | - |" \
+        in report
