@@ -18,6 +18,7 @@ import glob
 import io
 import json
 import os
+import platform
 import shlex
 import shutil
 import signal
@@ -176,7 +177,7 @@ def run_cell(args, method, bits, seed, redo_reason=None, resume_from=None, earli
     seconds = time.perf_counter() - start + (earlier or {}).get("seconds", 0.0) * bool(resume_from)
     result = {"method": method, "bits": bits, "seed": seed, "seconds": round(seconds, 1),
               "recipe": method_recipe(args, method), "flags": cell_flags(args, method),
-              "command": shlex.join(command)}
+              "command": shlex.join(command), "cpu": cpu_name()}
     if returncode == 0:
         result.update(status="ok", **cell_metrics(folder))
     else:
@@ -189,6 +190,17 @@ def run_cell(args, method, bits, seed, redo_reason=None, resume_from=None, earli
                       error=lines[-1] if lines else f"exit status {returncode}")
     write_text_atomically(os.path.join(folder, "result.json"), json.dumps(result, indent=1))
     return result
+
+
+def cpu_name():
+    """The processor's model name: the last digits of a cell depend on it, and a table's cells may come from
+    several machines (README, "The paper's claims")."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            names = [line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")]
+    except OSError:
+        names = []
+    return names[0] if names else platform.processor() or platform.machine()
 
 
 def run_forwarding_signals(command, log):

@@ -43,6 +43,9 @@ def test_compare_writes_the_table_and_skips_finished_cells(tmp_path, tiny_data, 
     # The recipe and the shared flags reach the run; --num_iters overrides the recipe's 1000 / 2000.
     log = (tmp_path / "cmp" / "cells" / "DCH_16bit_seed0" / "train.log").read_text()
     assert "--recipe dch_deephash" in log and "iter 00006/00006" in log
+    # A table's cells may come from several machines, and their last digits depend on the CPU: each says which.
+    result = json.loads((tmp_path / "cmp" / "cells" / "DCH_16bit_seed0" / "result.json").read_text())
+    assert result["cpu"] == compare.cpu_name() and result["cpu"]
 
     assert run_compare(tmp_path, tiny_data) == 0
     assert capsys.readouterr().out.count("done before, skipped") == 2
