@@ -172,7 +172,8 @@ def write_jpeg_dataset(folder, count, threads, seed=0):
         for relative, row in zip(relatives, labels):
             handle.write(relative + " " + " ".join(map(str, row)) + "\n")
     source = data_list.resolve_dataset("bench", folder, needs=("train",))
-    paths, labels = data_list.read_checked_list(source, "train")
+    train_list = data_list.read_checked_list(source, "train")
+    paths, labels = train_list.paths, train_list.labels
     return source, paths, labels
 
 
