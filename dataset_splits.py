@@ -155,11 +155,8 @@ def build_coco(args):
                                             f"labelled COCO images under {args.root}")
     # HashNet's lists leave the training images out of the database; disjoint leaves the queries out
     database = np.setdiff1d(np.arange(len(paths)), train if args.protocol == "hashnet" else queries)
-    splits = {"train": train, "test": queries, "database": database}
-    lists = {split: list_text([paths[i] for i in index], labels[index]) for split, index in splits.items()}
-    write_dataset(args, "coco_80", lists, dataset_record(
-        args, "coco_80", len(names), splits, root=args.root, data_root=os.path.abspath(args.root),
-        label_names=names, protocol={"type": args.protocol}))
+    write_image_splits(args, "coco_80", paths, labels, names, {"train": train, "test": queries, "database": database},
+                       protocol={"type": args.protocol})
     return 0
 
 
@@ -227,13 +224,17 @@ def build_nuswide(args):
         paths, labels = [paths[i] for i in kept], labels[kept]
         queries, train = sample_dhn(labels, names, *sizes, rng)
     splits = {"train": train, "test": queries, "database": np.setdiff1d(np.arange(len(paths)), queries)}
-    lists = {split: list_text([paths[i] for i in index], labels[index]) for split, index in splits.items()}
-    name = f"nuswide_{args.concepts}"
-    write_dataset(args, name, lists, dataset_record(
-        args, name, len(columns), splits, root=args.root, data_root=os.path.abspath(args.root),
-        label_names=names, protocol={"type": args.protocol, "listed_images": listed,
-                                     "missing_images": missing}))
+    write_image_splits(args, f"nuswide_{args.concepts}", paths, labels, names, splits,
+                       protocol={"type": args.protocol, "listed_images": listed, "missing_images": missing})
     return 0
+
+
+def write_image_splits(args, name, paths, labels, names, splits, protocol):
+    """Write dataset `name` whose splits index `paths` (relative to --root) and their (N, C) `labels`."""
+    lists = {split: list_text([paths[i] for i in index], labels[index]) for split, index in splits.items()}
+    write_dataset(args, name, lists, dataset_record(
+        args, name, len(names), splits, root=args.root, data_root=os.path.abspath(args.root),
+        label_names=names, protocol=protocol))
 
 
 def add_imagenet100_command(commands):
