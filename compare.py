@@ -168,11 +168,8 @@ def run_cell(args, method, bits, seed, redo_reason=None, resume_from=None, earli
     os.makedirs(folder, exist_ok=bool(resume_from))
     command = cell_command(args, method, bits, seed, folder) + (["--resume", resume_from] if resume_from else [])
     start = time.perf_counter()
-    with open(os.path.join(folder, "train.log"), "a" if resume_from else "w", encoding="utf-8") as log:
-        log.write(shlex.join(command) + "\n")
-        log.flush()
-        returncode, stderr, signalled = run_forwarding_signals(command, log)
-        log.write(stderr)
+    returncode, stderr, signalled = run_forwarding_signals(command, os.path.join(folder, "train.log"),
+                                                           append=bool(resume_from))
     # A resumed cell's time includes the time its interrupted part took.
     seconds = time.perf_counter() - start + (earlier or {}).get("seconds", 0.0) * bool(resume_from)
     result = {"method": method, "bits": bits, "seed": seed, "seconds": round(seconds, 1),
@@ -203,23 +200,34 @@ def cpu_name():
     return names[0] if names else platform.processor() or platform.machine()
 
 
-def run_forwarding_signals(command, log):
-    """Run a training; SIGINT / SIGTERM sent to compare.py reach it, so it snapshots and stops cleanly.
+def run_forwarding_signals(command, log_path, append=False):
+    """Run a training, its command line, output and errors into `log_path`; SIGINT / SIGTERM sent to
+    compare.py reach it, so it snapshots and stops cleanly.
 
     Returns its exit status, its stderr and whether compare.py received one of the signals.
     """
-    received = []
-    with subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.PIPE, text=True) as child:
-        def forward(signum, frame):
-            received.append(signum)
+    received, children = [], []
+
+    def forward(signum, frame):
+        received.append(signum)
+        for child in children:
             child.send_signal(signum)
 
-        previous = {signum: signal.signal(signum, forward) for signum in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            _, stderr = child.communicate()
-        finally:
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
+    # The handlers go in before the log appears and the training starts: no signal after that is lost.
+    previous = {signum: signal.signal(signum, forward) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with open(log_path, "a" if append else "w", encoding="utf-8") as log:
+            log.write(shlex.join(command) + "\n")
+            log.flush()
+            with subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.PIPE, text=True) as child:
+                children.append(child)
+                if received:
+                    child.send_signal(received[0])
+                _, stderr = child.communicate()
+            log.write(stderr)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     return child.returncode, stderr, bool(received)
 
 
@@ -238,14 +246,25 @@ def method_flags(args, method):
 
 def cell_flags(args, method):
     """What a cell's training depends on besides its code length and seed: data, recipe and flags."""
-    return ["--s_dataset", args.dataset, "--data_dir", os.path.abspath(args.data_dir),
+    return ["--s_dataset", args.dataset, "--data_dir", repo_path(args.data_dir),
             "--recipe", METHOD_RECIPES[method], *args.training_flags, *method_flags(args, method)]
+
+
+def repo_path(path):
+    """`path` relative to the checkout when it lies inside it (cells run there), so that the flags a cell
+    records hold in any clone that has committed its results; absolute otherwise."""
+    absolute = os.path.abspath(path)
+    relative = os.path.relpath(absolute, REPO)
+    return absolute if relative == os.pardir or relative.startswith(os.pardir + os.sep) else relative
 
 
 def flags_difference(recorded, current):
     """'' when a finished cell's recorded flags are the current ones, else the difference in words."""
     if recorded is None:
         return "it recorded no flags"
+    # Cells recorded before --data_dir was kept relative to the checkout name it in full.
+    recorded = [repo_path(flag) if previous == "--data_dir" else flag
+                for previous, flag in zip([None, *recorded], recorded)]
     if recorded == current:
         return ""
     removed, added = [], []

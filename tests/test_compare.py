@@ -180,3 +180,32 @@ def test_an_interrupted_cell_resumes_from_its_last_snapshot_to_the_same_result(t
     again = rows(tmp_path)[0]
     assert again["status"] == "ok" and again["map_radius_deephash"] == finished["map_radius_deephash"]
     assert float(again["seconds"]) > float(finished["seconds"])  # the interrupted part's time counts
+
+
+def test_a_data_dir_inside_the_checkout_is_recorded_relative_so_a_clone_reuses_the_cells():
+    inside = os.path.join(compare.REPO, "data")
+    assert compare.repo_path(inside) == "data"
+    assert compare.repo_path(os.path.join(compare.REPO, os.pardir, "elsewhere")) == \
+        os.path.abspath(os.path.join(compare.REPO, os.pardir, "elsewhere"))
+    current = ["--s_dataset", "tiny", "--data_dir", "data", "--lr", "0.01"]
+    # A cell recorded with the absolute path of this checkout's data is the same cell.
+    assert compare.flags_difference(["--s_dataset", "tiny", "--data_dir", inside, "--lr", "0.01"], current) == ""
+    assert compare.flags_difference(["--s_dataset", "tiny", "--data_dir", "/other/data", "--lr", "0.01"],
+                                    current) == "then: /other/data; now: data"
+
+
+def test_a_signal_while_the_training_starts_still_stops_it(tmp_path, monkeypatch):
+    real_popen = subprocess.Popen
+
+    def popen_after_a_sigterm(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # as `kill` would, between the log's creation and the start
+        return real_popen(*args, **kwargs)
+
+    monkeypatch.setattr(compare.subprocess, "Popen", popen_after_a_sigterm)
+    before = signal.getsignal(signal.SIGTERM)
+    started = time.monotonic()
+    returncode, _, signalled = compare.run_forwarding_signals(
+        [sys.executable, "-c", "import time; time.sleep(60)"], tmp_path / "train.log")
+    assert signalled and returncode == -signal.SIGTERM and time.monotonic() - started < 30
+    assert "time.sleep(60)" in (tmp_path / "train.log").read_text()
+    assert signal.getsignal(signal.SIGTERM) == before
