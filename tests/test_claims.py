@@ -65,6 +65,13 @@ def test_tune_then_table_then_report_on_tiny_data(tmp_path, tiny_data, monkeypat
     assert "## MAP@H<=2 on the test queries" in report and "(n=1)" in report
     assert f"tiny: MMHH `{choice['MMHH']['flags']}`" in report
     assert "## Tuning on tiny_tune" in report and "not run" in report  # the ablation has not run
+    # Beside MAP@H<=2, the detail says how many balls were empty, how many codes differ, and MAP@TopK.
+    result = json.loads((tmp_path / "claims" / "tiny" / "table" / "cells" / "MMHH_16bit_seed0" /
+                         "result.json").read_text())
+    detail = report.split("## tiny: the table in detail")[1].split("##")[0]
+    empty = f"{100 * result['empty_ball_fraction']:.1f}"
+    assert (f"| MMHH | 16 | {result['map_radius_deephash']:.4f} (n=1) | {empty}–{empty}% | "
+            f"{result['distinct_codes']}–{result['distinct_codes']} | {result['map_topk']:.4f} (n=1) |") in detail
     # tune: 2 lrs + the knob at one length; table: one cell; the ablation asks 3 batch types x 2 weights x 1 seed
     assert "| tune | 3 of 3 |" in report and "| table | 1 of 1 |" in report and "| ablation | 0 of 6 | 0.0 h | - |" \
         in report
