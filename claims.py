@@ -5,6 +5,7 @@
     python claims.py table       # per protocol: every method at its choice, seeds 0 1 2, test queries
     python claims.py ablation    # the semi-batch memory modes on fashion_mnist_pairs at 48 bits
     python claims.py report      # claims/report.md: every table, from what has finished so far
+    python claims.py all         # every stage, two at a time, each as soon as what it needs is done
 
 Every stage runs compare.py, so every stage resumes: rerun the same command after an interruption.
 --protocols and --methods narrow a stage, and two stages may run side by side on other protocols or
@@ -17,11 +18,12 @@ import os
 import shlex
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 
 import data_list
 from result_tables import can_win, cell_summary, cell_text, read_results
-from runtime import UsageError, run_cli, write_text_atomically
+from runtime import ForwardedSignals, UsageError, run_cli, write_text_atomically
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 PYTHON = sys.executable
@@ -81,11 +83,12 @@ KNOBS = {"MMHH": ("--similar_weight", "1", "auto"), "MMHH_paper": ("--similar_we
 # imbalance (the dataset's preset, 100: ImageNet-100's).
 BATCH_TYPES = ["PairBatch", "BatchInitMem", "SemiMem"]
 ABLATION_WEIGHTS = ["1", "config"]
+POLL_SECONDS = 5  # how often `all` looks for finished units
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=("data", "tune", "table", "ablation", "report"),
+    parser.add_argument("stage", choices=("data", "tune", "table", "ablation", "report", "all"),
                         help="what to build or run (see above)")
     parser.add_argument("--protocols", nargs="+", default=list(PROTOCOLS), choices=list(PROTOCOLS),
                         help="protocols to build, tune, run or report (default: all five)")
@@ -93,12 +96,18 @@ def parse_args(argv=None):
                         help="methods to tune (default: all); table and report always take all four")
     parser.add_argument("--output", default="claims", help="folder of every stage's outputs (default claims)")
     parser.add_argument("--data_dir", default="data", help="folder of the dataset folders (default data)")
-    return parser.parse_args(argv)
+    parser.add_argument("--jobs", type=int, default=2,
+                        help="all: stages run side by side, each training on one thread (default 2)")
+    args = parser.parse_args(argv)
+    if args.jobs < 1:
+        raise UsageError(f"--jobs must be at least 1, got {args.jobs}")
+    return args
 
 
 def main(argv=None):
     args = parse_args(argv)
-    stage = {"data": build_data, "tune": tune, "table": table, "ablation": ablation, "report": report}
+    stage = {"data": build_data, "tune": tune, "table": table, "ablation": ablation, "report": report,
+             "all": run_all}
     return stage[args.stage](args)
 
 
@@ -121,7 +130,12 @@ def compare(args, dataset, output, methods, bits, seeds, flags, method_flags=Non
     for method, extra in (method_flags or {}).items():
         command += ["--method_flags", f"{method}={extra}"]
     print(f"claims: {' '.join(command[1:])}", flush=True)
-    status = subprocess.run(command).returncode
+    # `kill PID` on claims.py reaches compare.py, which stops its training cleanly, instead of orphaning it.
+    with ForwardedSignals() as signals:
+        with signals.start(command) as child:
+            status = child.wait()
+    if signals.requested():
+        raise SystemExit(signals.exit_code)  # interrupted: the next compare.py does not start
     if status not in (0, 1):
         raise SystemExit(status)  # interrupted, or refused (flags changed): stop the stage here
     return status
@@ -202,6 +216,86 @@ def ablation(args):
                               SEEDS, [*PROTOCOLS["pairs"].flags, "--lr", lr, "--batch_type", batch_type,
                                       "--similar_weight", weight])
     return failed
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One claims.py stage narrowed to a protocol (and a method), and the units it waits for."""
+    name: str
+    argv: list
+    needs: tuple = ()
+
+
+def planned_units(args):
+    """Per protocol, each method's tuning, then its table; with pairs, the ablation once its MMHH is tuned."""
+    units = []
+    for name in args.protocols:
+        tuned = tuple(f"tune {name} {method}" for method in METHODS)
+        units += [Unit(f"tune {name} {method}", ["tune", "--protocols", name, "--methods", method])
+                  for method in METHODS]
+        units.append(Unit(f"table {name}", ["table", "--protocols", name], tuned))
+    if "pairs" in args.protocols:
+        units.append(Unit("ablation", ["ablation"], ("tune pairs MMHH",)))
+    return units
+
+
+def unit_command(args, unit):
+    return [PYTHON, os.path.join(REPO, "claims.py"), *unit.argv, "--output", args.output, "--data_dir", args.data_dir]
+
+
+def run_all(args):
+    """Every stage's units, --jobs at a time, each as soon as the units it needs have finished; then the report.
+
+    Each unit is a claims.py process with its output in <output>/logs/; `kill PID` stops them all cleanly.
+    """
+    build_data(args)
+    units = planned_units(args)
+    os.makedirs(os.path.join(args.output, "logs"), exist_ok=True)
+    print(f"claims: {len(units)} units, {args.jobs} at a time; `kill {os.getpid()}` stops them after "
+          "a snapshot, and the same command resumes", flush=True)
+    running, finished, failed = {}, set(), set()  # running: {unit name: (process, its log file)}
+    with ForwardedSignals() as signals:
+        while True:
+            reap_units(running, finished, failed)
+            if not signals.requested():
+                waiting = [u for u in units if u.name not in finished | failed | set(running)]
+                for unit in ready_units(waiting, finished, failed)[:args.jobs - len(running)]:
+                    running[unit.name] = start_unit(args, unit, signals)
+            if not running:
+                break
+            time.sleep(POLL_SECONDS)
+    if signals.requested():
+        print("claims: interrupted; rerun `python claims.py all` to resume", file=sys.stderr)
+        return signals.exit_code
+    report(args)
+    return 1 if failed else 0
+
+
+def reap_units(running, finished, failed):
+    """Move the units whose process has ended from running to finished (exit 0) or failed."""
+    for name, (child, log) in list(running.items()):
+        if child.poll() is not None:
+            log.close()
+            del running[name]
+            (finished if child.returncode == 0 else failed).add(name)
+            print(f"claims: {name} {'done' if child.returncode == 0 else f'stopped ({child.returncode})'}", flush=True)
+
+
+def ready_units(waiting, finished, failed):
+    """The waiting units whose needs have all finished, in plan order; those that need a failed one fail too."""
+    for unit in waiting:
+        if any(need in failed for need in unit.needs):
+            failed.add(unit.name)
+            print(f"claims: {unit.name} not run: {', '.join(n for n in unit.needs if n in failed)} did not finish",
+                  flush=True)
+    return [u for u in waiting if u.name not in failed and all(need in finished for need in u.needs)]
+
+
+def start_unit(args, unit, signals):
+    log = open(os.path.join(args.output, "logs", unit.name.replace(" ", "_") + ".log"), "a", encoding="utf-8")
+    child = signals.start(unit_command(args, unit), stdout=log, stderr=subprocess.STDOUT)
+    print(f"claims: {unit.name} started (log: {log.name})", flush=True)
+    return child, log
 
 
 def results_so_far(path):

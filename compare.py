@@ -29,7 +29,7 @@ import time
 
 import plots
 from result_tables import can_win, cell_summary, cell_text
-from runtime import UsageError, format_duration, run_cli, write_text_atomically
+from runtime import ForwardedSignals, UsageError, format_duration, run_cli, write_text_atomically
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 # Each method's published settings (recipes.py); --method_flags METHOD="--recipe ..." picks another.
@@ -206,29 +206,15 @@ def run_forwarding_signals(command, log_path, append=False):
 
     Returns its exit status, its stderr and whether compare.py received one of the signals.
     """
-    received, children = [], []
-
-    def forward(signum, frame):
-        received.append(signum)
-        for child in children:
-            child.send_signal(signum)
-
-    # The handlers go in before the log appears and the training starts: no signal after that is lost.
-    previous = {signum: signal.signal(signum, forward) for signum in (signal.SIGINT, signal.SIGTERM)}
-    try:
+    # The forwarding starts before the log appears and the training starts: no signal after that is lost.
+    with ForwardedSignals() as signals:
         with open(log_path, "a" if append else "w", encoding="utf-8") as log:
             log.write(shlex.join(command) + "\n")
             log.flush()
-            with subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.PIPE, text=True) as child:
-                children.append(child)
-                if received:
-                    child.send_signal(received[0])
+            with signals.start(command, cwd=REPO, stdout=log, stderr=subprocess.PIPE, text=True) as child:
                 _, stderr = child.communicate()
             log.write(stderr)
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-    return child.returncode, stderr, bool(received)
+    return child.returncode, stderr, signals.requested()
 
 
 def method_recipe(args, method):

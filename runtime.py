@@ -4,6 +4,7 @@ import logging
 import os
 import random
 import signal
+import subprocess
 import sys
 import tempfile
 
@@ -54,8 +55,11 @@ class StopSignals:
 
     def __enter__(self):
         for signum in (signal.SIGINT, signal.SIGTERM):
-            self._previous[signum] = signal.signal(signum, lambda number, frame: self.received.append(number))
+            self._previous[signum] = signal.signal(signum, self._record)
         return self
+
+    def _record(self, signum, frame):
+        self.received.append(signum)
 
     def __exit__(self, *exc):
         for signum, handler in self._previous.items():
@@ -72,6 +76,30 @@ class StopSignals:
     @property
     def exit_code(self):
         return 128 + self.received[0]
+
+
+class ForwardedSignals(StopSignals):
+    """While active, SIGINT and SIGTERM are recorded and passed on to the processes started with ``start``,
+    so that `kill PID` on a runner stops its children cleanly instead of orphaning them. A signal that
+    arrives before a child starts reaches it as it starts."""
+
+    def __init__(self):
+        super().__init__()
+        self.children = []
+
+    def _record(self, signum, frame):
+        super()._record(signum, frame)
+        for child in self.children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    def start(self, command, **popen_args):
+        """subprocess.Popen(command, **popen_args), under the forwarding."""
+        child = subprocess.Popen(command, **popen_args)
+        self.children.append(child)
+        if self.received:
+            child.send_signal(self.received[0])
+        return child
 
 
 def str2bool(text):

@@ -1,5 +1,10 @@
 """claims.py: the choice on validation, and its stages end to end on tiny data."""
 import json
+import os
+import signal
+import sys
+import threading
+import time
 
 import pytest
 
@@ -75,3 +80,53 @@ def test_tune_then_table_then_report_on_tiny_data(tmp_path, tiny_data, monkeypat
     # tune: 2 lrs + the knob at one length; table: one cell; the ablation asks 3 batch types x 2 weights x 1 seed
     assert "| tune | 3 of 3 |" in report and "| table | 1 of 1 |" in report and "| ablation | 0 of 6 | 0.0 h | - |" \
         in report
+
+
+def test_kill_on_claims_stops_the_running_training_cleanly_and_no_further_compare(tmp_path, tiny_data):
+    # `kill PID` on claims.py (a background run) used to leave compare.py and its training running.
+    args = claims.parse_args(["tune", "--output", str(tmp_path / "claims"), "--data_dir", str(tiny_data)])
+    first_log = tmp_path / "cmp" / "cells" / "MMHH_16bit_seed0" / "train.log"
+
+    def kill_once_training():
+        deadline = time.monotonic() + 60
+        while not first_log.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=kill_once_training, daemon=True).start()
+    with pytest.raises(SystemExit) as stopped:
+        claims.compare(args, "tiny", str(tmp_path / "cmp"), ["MMHH", "DCH"], ["16"], ["0"],
+                       [*TRAINING, "--num_iters", "500"])
+    assert stopped.value.code == 128 + signal.SIGTERM
+    results = (tmp_path / "cmp" / "results.csv").read_text()
+    assert "MMHH,16,0,interrupted" in results and "DCH,16,0,not run" in results
+
+
+def test_all_runs_units_side_by_side_each_after_what_it_needs(tmp_path, monkeypatch, capsys):
+    events = tmp_path / "events.txt"
+    script = ("import sys, time; name, path, code = sys.argv[1:]; open(path, 'a').write(f'start {name}\\n'); "
+              "time.sleep(0.2); open(path, 'a').write(f'end {name}\\n'); sys.exit(int(code))")
+
+    def fake_unit(args, unit):  # each unit records when it ran; noise0.4's DCH tuning fails
+        return [sys.executable, "-c", script, unit.name, str(events), "2" if unit.name == "tune noise0.4 DCH" else "0"]
+
+    monkeypatch.setattr(claims, "unit_command", fake_unit)
+    monkeypatch.setattr(claims, "build_data", lambda args: 0)
+    monkeypatch.setattr(claims, "POLL_SECONDS", 0.02)
+    assert claims.main(["all", "--protocols", "noise0.4", "pairs", "--output", str(tmp_path / "claims"),
+                        "--data_dir", str(tmp_path / "data")]) == 1
+    lines = events.read_text().splitlines()
+    order = {line: i for i, line in enumerate(lines)}
+    running, most = 0, 0
+    for line in lines:
+        running += 1 if line.startswith("start") else -1
+        most = max(most, running)
+    assert most == 2  # --jobs 2 by default
+    assert all(order[f"end tune pairs {m}"] < order["start table pairs"] for m in claims.METHODS)
+    assert order["end tune pairs MMHH"] < order["start ablation"]
+    assert "start table noise0.4" not in order and "end tune noise0.4 HashNet" in order
+    out = capsys.readouterr().out
+    assert "claims: tune noise0.4 DCH stopped (2)" in out
+    assert "claims: table noise0.4 not run: tune noise0.4 DCH did not finish" in out
+    assert (tmp_path / "claims" / "logs" / "tune_pairs_MMHH.log").exists()
+    assert (tmp_path / "claims" / "report.md").exists()

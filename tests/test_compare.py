@@ -9,6 +9,7 @@ import sys
 import time
 
 import compare
+import runtime
 
 TRAINING = ["--image_network", "ResNetFc", "--backbone", "ResNet18", "--pretrained", "none",
             "--resize_size", "20", "--crop_size", "16", "--batch_size", "8", "--workers", "0",
@@ -201,7 +202,7 @@ def test_a_signal_while_the_training_starts_still_stops_it(tmp_path, monkeypatch
         os.kill(os.getpid(), signal.SIGTERM)  # as `kill` would, between the log's creation and the start
         return real_popen(*args, **kwargs)
 
-    monkeypatch.setattr(compare.subprocess, "Popen", popen_after_a_sigterm)
+    monkeypatch.setattr(runtime.subprocess, "Popen", popen_after_a_sigterm)
     before = signal.getsignal(signal.SIGTERM)
     started = time.monotonic()
     returncode, _, signalled = compare.run_forwarding_signals(
