@@ -265,7 +265,7 @@ def run_all(args):
                 break
             time.sleep(POLL_SECONDS)
     if signals.requested():
-        print("claims: interrupted; rerun `python claims.py all` to resume", file=sys.stderr)
+        print("claims: interrupted; rerun the same command to resume", file=sys.stderr)
         return signals.exit_code
     report(args)
     return 1 if failed else 0
