@@ -187,17 +187,21 @@ def read_choices(args, name):
 
 
 def table(args):
-    """Every method at its choice, three seeds, on the protocol's test queries."""
+    """Every method at its choice, three seeds, on the protocol's test queries.
+
+    --methods narrows it to the methods' own cells, and the table files then show only those: `all` runs
+    each method's cells once it is tuned, then the whole table, every cell skipped, to write it whole.
+    """
     failed = 0
     for name in args.protocols:
         choices = read_choices(args, name)
-        missing = [m for m in METHODS if m not in choices]
+        missing = [m for m in args.methods if m not in choices]
         if missing:
             raise UsageError(f"{name}: no tuned choice for {', '.join(missing)}; run `python claims.py tune "
                              f"--protocols {name}` first")
         protocol = PROTOCOLS[name]
-        failed |= compare(args, protocol.dataset, os.path.join(args.output, name, "table"), METHODS, BITS,
-                          SEEDS, protocol.flags, {m: choices[m]["flags"] for m in METHODS})
+        failed |= compare(args, protocol.dataset, os.path.join(args.output, name, "table"), args.methods, BITS,
+                          SEEDS, protocol.flags, {m: choices[m]["flags"] for m in args.methods})
     return failed
 
 
@@ -227,13 +231,16 @@ class Unit:
 
 
 def planned_units(args):
-    """Per protocol, each method's tuning, then its table; with pairs, the ablation once its MMHH is tuned."""
+    """Per protocol, each method's tuning, then its table cells, then the table written whole; with pairs,
+    the ablation once its MMHH is tuned."""
     units = []
     for name in args.protocols:
-        tuned = tuple(f"tune {name} {method}" for method in METHODS)
         units += [Unit(f"tune {name} {method}", ["tune", "--protocols", name, "--methods", method])
                   for method in METHODS]
-        units.append(Unit(f"table {name}", ["table", "--protocols", name], tuned))
+        units += [Unit(f"table {name} {method}", ["table", "--protocols", name, "--methods", method],
+                       (f"tune {name} {method}",)) for method in METHODS]
+        units.append(Unit(f"table {name}", ["table", "--protocols", name],
+                          tuple(f"table {name} {method}" for method in METHODS)))
     if "pairs" in args.protocols:
         units.append(Unit("ablation", ["ablation"], ("tune pairs MMHH",)))
     return units

@@ -82,6 +82,21 @@ def test_tune_then_table_then_report_on_tiny_data(tmp_path, tiny_data, monkeypat
         in report
 
 
+def test_table_narrowed_to_a_method_needs_only_its_choice_and_runs_only_its_cells(tmp_path, monkeypatch):
+    folder = tmp_path / "claims" / "pairs" / "tune" / "DCH"
+    folder.mkdir(parents=True)
+    (folder / "choice.json").write_text(json.dumps({"flags": "--lr 0.0025 --gamma 20"}))
+    calls = []
+    monkeypatch.setattr(claims, "compare", lambda args, *rest: calls.append(rest) or 0)
+    common = ["--protocols", "pairs", "--output", str(tmp_path / "claims"), "--data_dir", str(tmp_path)]
+    assert claims.main(["table", *common, "--methods", "DCH"]) == 0
+    dataset, output, methods, bits, seeds, flags, method_flags = calls[0]
+    assert (dataset, methods, seeds) == ("fashion_mnist_pairs", ["DCH"], claims.SEEDS)
+    assert output == str(folder.parent.parent / "table") and method_flags == {"DCH": "--lr 0.0025 --gamma 20"}
+    with pytest.raises(claims.UsageError, match="pairs: no tuned choice for MMHH, MMHH_paper, HashNet"):
+        claims.main(["table", *common])
+
+
 def test_kill_on_claims_stops_the_running_training_cleanly_and_no_further_compare(tmp_path, tiny_data):
     # `kill PID` on claims.py (a background run) used to leave compare.py and its training running.
     args = claims.parse_args(["tune", "--output", str(tmp_path / "claims"), "--data_dir", str(tiny_data)])
@@ -122,11 +137,16 @@ def test_all_runs_units_side_by_side_each_after_what_it_needs(tmp_path, monkeypa
         running += 1 if line.startswith("start") else -1
         most = max(most, running)
     assert most == 2  # --jobs 2 by default
-    assert all(order[f"end tune pairs {m}"] < order["start table pairs"] for m in claims.METHODS)
+    # A method's table cells start once it is tuned, not once all are: the other core is not left idle.
+    assert all(order[f"end tune pairs {m}"] < order[f"start table pairs {m}"] for m in claims.METHODS)
+    assert order["start table pairs MMHH"] < order["end tune pairs HashNet"]
+    assert all(order[f"end table pairs {m}"] < order["start table pairs"] for m in claims.METHODS)
     assert order["end tune pairs MMHH"] < order["start ablation"]
+    assert "end table noise0.4 MMHH" in order and "start table noise0.4 DCH" not in order
     assert "start table noise0.4" not in order and "end tune noise0.4 HashNet" in order
     out = capsys.readouterr().out
     assert "claims: tune noise0.4 DCH stopped (2)" in out
-    assert "claims: table noise0.4 not run: tune noise0.4 DCH did not finish" in out
+    assert "claims: table noise0.4 DCH not run: tune noise0.4 DCH did not finish" in out
+    assert "claims: table noise0.4 not run: table noise0.4 DCH did not finish" in out
     assert (tmp_path / "claims" / "logs" / "tune_pairs_MMHH.log").exists()
     assert (tmp_path / "claims" / "report.md").exists()
