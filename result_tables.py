@@ -42,8 +42,8 @@ def cell_summary(results, method, bits, key):
 
 
 def can_win(summary):
-    """Only a complete cell with no collapsed seed may be bolded as the best."""
-    return summary["n"] == summary["asked"] and not summary["collapsed"]
+    """Only a complete cell with no collapsed seed may be bolded as the best (a cell never asked is not)."""
+    return 0 < summary["n"] == summary["asked"] and not summary["collapsed"]
 
 
 def cell_text(summary):

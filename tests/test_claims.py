@@ -97,6 +97,19 @@ def test_table_narrowed_to_a_method_needs_only_its_choice_and_runs_only_its_cell
         claims.main(["table", *common])
 
 
+def test_report_of_a_table_that_one_method_has_started(tmp_path):
+    # `all` runs a method's table cells alone, so a table's results.csv may hold one method's rows only.
+    folder = tmp_path / "claims" / "pairs" / "table"
+    folder.mkdir(parents=True)
+    rows = [{"method": "DCH", "bits": bits, "seed": seed, "radius": 2, "status": "ok", "collapsed": False,
+             "map_radius_deephash": 0.3 + seed / 100} for bits in (16, 48) for seed in (0, 1, 2)]
+    (folder / "results.csv").write_text(compare.results_csv(rows))
+    args = claims.parse_args(["report", "--protocols", "pairs", "--output", str(tmp_path / "claims")])
+    table = claims.main_table(args)
+    assert "| DCH | **0.3100 ± 0.0100 (n=3)** | **0.3100 ± 0.0100 (n=3)** |" in table
+    assert "| MMHH | not run | not run |" in table
+
+
 def test_kill_on_claims_stops_the_running_training_cleanly_and_no_further_compare(tmp_path, tiny_data):
     # `kill PID` on claims.py (a background run) used to leave compare.py and its training running.
     args = claims.parse_args(["tune", "--output", str(tmp_path / "claims"), "--data_dir", str(tiny_data)])
