@@ -132,11 +132,12 @@ def test_kill_on_claims_stops_the_running_training_cleanly_and_no_further_compar
 
 def test_all_runs_units_side_by_side_each_after_what_it_needs(tmp_path, monkeypatch, capsys):
     events = tmp_path / "events.txt"
-    script = ("import sys, time; name, path, code = sys.argv[1:]; open(path, 'a').write(f'start {name}\\n'); "
-              "time.sleep(0.2); open(path, 'a').write(f'end {name}\\n'); sys.exit(int(code))")
+    script = ("import sys, time; name, path, code, seconds = sys.argv[1:]; open(path, 'a').write(f'start {name}\\n'); "
+              "time.sleep(float(seconds)); open(path, 'a').write(f'end {name}\\n'); sys.exit(int(code))")
 
-    def fake_unit(args, unit):  # each unit records when it ran; noise0.4's DCH tuning fails
-        return [sys.executable, "-c", script, unit.name, str(events), "2" if unit.name == "tune noise0.4 DCH" else "0"]
+    def fake_unit(args, unit):  # each unit records when it ran; noise0.4's DCH tuning fails; pairs' HashNet is slow
+        return [sys.executable, "-c", script, unit.name, str(events), "2" if unit.name == "tune noise0.4 DCH" else "0",
+                "3" if unit.name == "tune pairs HashNet" else "0.2"]
 
     monkeypatch.setattr(claims, "unit_command", fake_unit)
     monkeypatch.setattr(claims, "build_data", lambda args: 0)
