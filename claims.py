@@ -1,7 +1,8 @@
 """Test the paper's claims on Fashion-MNIST: five protocols, each method tuned on validation, three seeds.
 
     python claims.py data        # build the protocols' datasets and their validation copies
-    python claims.py tune        # per protocol: each method's lr grid, then its knob at the best lr
+    python claims.py tune        # per protocol: each method's lr grid (widened past a winning edge),
+                                 # then its knob at the best lr
     python claims.py table       # per protocol: every method at its choice, seeds 0 1 2, test queries
     python claims.py ablation    # the semi-batch memory modes on fashion_mnist_pairs at 48 bits
     python claims.py report      # claims/report.md: every table, from what has finished so far
@@ -76,6 +77,9 @@ TRAINING = ["--image_network", "ResNetFc", "--backbone", "ResNet18", "--pretrain
             "--print_every", "100", "--lr_schedule_type", "Stair_Step", "--decay_step", "300",
             "--weight_decay", "5e-4", "--batch_size", "48"]
 LRS = ["0.0025", "0.005", "0.01"]
+# A best lr on the grid's edge is checked one step past it (halved or doubled), up to WIDEN_STEPS times, so
+# that a choice has a worse lr tried on each side (or the report shows it has not).
+WIDEN_STEPS = 2
 # Each method's main knob: its recipe's value, then the second value tried at the best lr.
 KNOBS = {"MMHH": ("--similar_weight", "1", "auto"), "MMHH_paper": ("--similar_weight", "1", "auto"),
          "DCH": ("--gamma", "20", "10"), "HashNet": ("--sigmoid_param", "10/K", "5/K")}
@@ -123,10 +127,15 @@ def build_data(args):
     return 0
 
 
-def compare(args, dataset, output, methods, bits, seeds, flags, method_flags=None):
-    """Run (or resume) one compare.py table; its exit status (1 when a cell failed)."""
+def compare(args, dataset, output, methods, bits, seeds, flags, method_flags=None, redo_changed=False):
+    """Run (or resume) one compare.py table; its exit status (1 when a cell failed).
+
+    redo_changed: cells that follow a tuned choice are redone when tuning changed it (compare.py logs
+    the difference); a tuning cell's flags never change, so there a difference stops the stage.
+    """
     command = [PYTHON, os.path.join(REPO, "compare.py"), "--dataset", dataset, "--data_dir", args.data_dir,
-               "--methods", *methods, "--bits", *bits, "--seeds", *seeds, "--output", output, *TRAINING, *flags]
+               "--methods", *methods, "--bits", *bits, "--seeds", *seeds, "--output", output, *TRAINING, *flags,
+               *(["--redo_changed"] if redo_changed else [])]
     for method, extra in (method_flags or {}).items():
         command += ["--method_flags", f"{method}={extra}"]
     print(f"claims: {' '.join(command[1:])}", flush=True)
@@ -148,18 +157,47 @@ def tune(args):
         flags = [*protocol.flags, "--eval_split", "val"]
         for method in args.methods:
             folder = os.path.join(args.output, name, "tune", method)
-            for lr in LRS:
-                compare(args, protocol.tune_dataset, os.path.join(folder, f"lr{lr}"), [method], BITS, ["0"],
-                        [*flags, "--lr", lr])
-            lr = best_setting(folder, [f"lr{lr}" for lr in LRS], method)[len("lr"):]
+            lr = tuned_lr(args, protocol.tune_dataset, folder, method, flags)
             knob, first, second = KNOBS[method]
-            compare(args, protocol.tune_dataset, os.path.join(folder, "knob"), [method], BITS, ["0"],
+            compare(args, protocol.tune_dataset, os.path.join(folder, f"knob_lr{lr}"), [method], BITS, ["0"],
                     [*flags, "--lr", lr, knob, second])
-            won = best_setting(folder, [f"lr{lr}", "knob"], method)
-            choice = {"flags": f"--lr {lr} {knob} {second if won == 'knob' else first}"}
+            won = best_setting(folder, [f"lr{lr}", f"knob_lr{lr}"], method)
+            choice = {"flags": f"--lr {lr} {knob} {second if won.startswith('knob') else first}"}
             write_text_atomically(os.path.join(folder, "choice.json"), json.dumps(choice, indent=1) + "\n")
             print(f"claims: {name}: {method} chose {choice['flags']}", flush=True)
     return 0
+
+
+def tuned_lr(args, dataset, folder, method, flags):
+    """The best lr of the grid, widened a step past its edge while the best lies on that edge."""
+    def run(lr):
+        compare(args, dataset, os.path.join(folder, f"lr{lr}"), [method], BITS, ["0"], [*flags, "--lr", lr])
+
+    def best(lrs):
+        return best_setting(folder, [f"lr{lr}" for lr in lrs], method)[len("lr"):]
+
+    lrs = list(LRS)
+    for lr in lrs:
+        run(lr)
+    for _ in range(WIDEN_STEPS):
+        if best(lrs) == lrs[0]:
+            lrs.insert(0, f"{float(lrs[0]) / 2:g}")
+            run(lrs[0])
+        elif best(lrs) == lrs[-1]:
+            lrs.append(f"{float(lrs[-1]) * 2:g}")
+            run(lrs[-1])
+        else:
+            break
+    return best(lrs)
+
+
+def tried_settings(folder):
+    """A method's tuning folders: its lrs (the grid's until it has started), then its knobs, by lr."""
+    def lr_of(setting):
+        return float(setting.split("lr")[-1])
+    found = os.listdir(folder) if os.path.isdir(folder) else []
+    lrs = sorted({f"lr{lr}" for lr in LRS} | {s for s in found if s.startswith("lr")}, key=lr_of)
+    return lrs + sorted((s for s in found if s.startswith("knob_lr")), key=lr_of)
 
 
 def best_setting(folder, settings, method):
@@ -201,7 +239,8 @@ def table(args):
                              f"--protocols {name}` first")
         protocol = PROTOCOLS[name]
         failed |= compare(args, protocol.dataset, os.path.join(args.output, name, "table"), args.methods, BITS,
-                          SEEDS, protocol.flags, {m: choices[m]["flags"] for m in args.methods})
+                          SEEDS, protocol.flags, {m: choices[m]["flags"] for m in args.methods},
+                          redo_changed=True)
     return failed
 
 
@@ -218,7 +257,7 @@ def ablation(args):
             failed |= compare(args, PROTOCOLS["pairs"].dataset,
                               os.path.join(args.output, "ablation", f"{batch_type}_w{weight}"), ["MMHH"], ["48"],
                               SEEDS, [*PROTOCOLS["pairs"].flags, "--lr", lr, "--batch_type", batch_type,
-                                      "--similar_weight", weight])
+                                      "--similar_weight", weight], redo_changed=True)
     return failed
 
 
@@ -328,7 +367,8 @@ def report(args):
 
 def report_preamble():
     return (f"Every cell trains with `{shlex.join(TRAINING)}` and the protocol's flags (`--no_flip` for the "
-            f"pairs), each method's lr from {', '.join(LRS)} and then its knob chosen on validation queries "
+            f"pairs), each method's lr from {', '.join(LRS)} (halved or doubled, up to {WIDEN_STEPS} times, "
+            "while the best lies on the grid's edge) and then its knob chosen on validation queries "
             "carved from the protocol's training list (seed 0). Cells: MAP@H<=2 (deephash convention: empty "
             "balls count 0), mean ± sample standard deviation over the finished seeds, n of them; bold: the "
             "best complete cell of a column with no collapsed seed.\n")
@@ -386,23 +426,25 @@ def detail_table(args, name):
 
 
 def tuning_table(args, name):
-    settings = [f"lr{lr}" for lr in LRS] + ["knob"]
-    rows = ["| method | " + " | ".join(f"{s} {b}" for s in settings for b in BITS) + " | chosen |",
-            "|---" * (len(settings) * len(BITS) + 2) + "|"]
+    """Every setting each method tried on validation, one row each; the mean over the lengths chose."""
+    rows = ["| method | setting | " + " | ".join(f"{b} bits" for b in BITS) + " | mean | |",
+            "|---" * (len(BITS) + 4) + "|"]
     choices = read_choices(args, name)
     for method in METHODS:
-        cells = []
-        for setting in settings:
-            path = os.path.join(args.output, name, "tune", method, setting, "results.csv")
-            results = results_so_far(path)
-            for bits in BITS:
-                summary = cell_summary(results, method, int(bits), "map_radius_deephash")
-                cells.append(cell_text(summary) if summary["asked"] else "not run")
-        chosen = f"`{choices[method]['flags']}`" if method in choices else "not yet"
-        rows.append(f"| {method} | " + " | ".join(cells) + f" | {chosen} |")
-    knobs = ", ".join(f"{m} `{KNOBS[m][0]} {KNOBS[m][2]}`" for m in METHODS)
-    return (f"## Tuning on {PROTOCOLS[name].tune_dataset} (validation queries, seed 0)\n\nThe knob column: "
-            f"at the method's best lr, {knobs}.\n\n" + "\n".join(rows) + "\n")
+        folder = os.path.join(args.output, name, "tune", method)
+        knob, first, second = KNOBS[method]
+        for setting in tried_settings(folder):
+            results = results_so_far(os.path.join(folder, setting, "results.csv"))
+            summaries = [cell_summary(results, method, int(bits), "map_radius_deephash") for bits in BITS]
+            cells = [cell_text(s) if s["asked"] else "not run" for s in summaries]
+            mean = (f"{sum(s['mean_std'][0] for s in summaries) / len(BITS):.4f}" if all(s["n"] for s in summaries)
+                    else "–")
+            flags = f"--lr {setting.split('lr')[-1]} {knob} {second if setting.startswith('knob') else first}"
+            chosen = "chosen" if choices.get(method, {}).get("flags") == flags else ""
+            rows.append(f"| {method} | `{flags}` | " + " | ".join(cells) + f" | {mean} | {chosen} |")
+    return (f"## Tuning on {PROTOCOLS[name].tune_dataset} (validation queries, seed 0)\n\nEach method's lr "
+            f"grid at its recipe's knob, then the knob's second value at the best lr; a collapsed setting loses "
+            f"to every one that did not collapse.\n\n" + "\n".join(rows) + "\n")
 
 
 def ablation_table(args):
@@ -421,10 +463,11 @@ def ablation_table(args):
 
 def time_table(args):
     """Per stage: cells finished of those it asks, and the time they took (one thread each)."""
+    tuning = [os.path.join(args.output, name, "tune", method) for name in args.protocols for method in METHODS]
     stages = {
-        "tune": ([os.path.join(args.output, name, "tune", method, setting) for name in args.protocols
-                  for method in METHODS for setting in [f"lr{lr}" for lr in LRS] + ["knob"]],
-                 len(args.protocols) * len(METHODS) * (len(LRS) + 1) * len(BITS)),
+        "tune": ([os.path.join(folder, setting) for folder in tuning for setting in tried_settings(folder)],
+                 len(BITS) * sum(len(tried_settings(folder)) + (not tried_settings(folder)[-1].startswith("knob"))
+                                 for folder in tuning)),
         "table": ([os.path.join(args.output, name, "table") for name in args.protocols],
                   len(args.protocols) * len(METHODS) * len(BITS) * len(SEEDS)),
         "ablation": ([os.path.join(args.output, "ablation", f"{batch_type}_w{weight}") for batch_type in BATCH_TYPES

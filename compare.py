@@ -270,7 +270,10 @@ def cell_command(args, method, bits, seed, folder):
             "--snap_path", os.path.join(os.path.abspath(folder), "snapshot", ""),
             "--log_dir", os.path.join(os.path.abspath(folder), "log"),
             "--runs_dir", os.path.join(os.path.abspath(folder), "runs"),
-            "--test_output_dir", os.path.join(os.path.abspath(folder), "test_output"), *cell_flags(args, method)]
+            "--test_output_dir", os.path.join(os.path.abspath(folder), "test_output"),
+            # Snapshots are written atomically, so the newest alone resumes a cell; a full claims run
+            # keeps one per cell instead of two (README, "Reproduce the claims").
+            "--keep_snapshots", "1", *cell_flags(args, method)]
 
 
 def cell_metrics(folder):

@@ -32,11 +32,45 @@ def test_the_best_setting_has_the_best_mean_over_bits_and_no_collapse(tmp_path):
         claims.best_setting(str(tmp_path), ["lr0.005", "knob"], "MMHH")
 
 
+@pytest.mark.parametrize("maps, tried, chosen", [
+    # the grid's lowest lr wins: its half is tried, loses, and the choice has a worse lr on each side
+    ({"0.00125": 0.6, "0.0025": 0.7, "0.005": 0.6, "0.01": 0.5}, ["0.0025", "0.005", "0.01", "0.00125"], "0.0025"),
+    # the highest keeps winning: doubled WIDEN_STEPS times, then chosen on the edge
+    ({"0.0025": 0.1, "0.005": 0.2, "0.01": 0.3, "0.02": 0.4, "0.04": 0.5},
+     ["0.0025", "0.005", "0.01", "0.02", "0.04"], "0.04"),
+    # an inner lr wins: the grid alone
+    ({"0.0025": 0.5, "0.005": 0.7, "0.01": 0.6}, ["0.0025", "0.005", "0.01"], "0.005"),
+])
+def test_tuning_widens_the_lr_grid_past_an_edge_that_wins(tmp_path, monkeypatch, maps, tried, chosen):
+    run = []
+
+    def fake_compare(args, dataset, output, methods, bits, seeds, flags, *rest, **options):
+        lr = flags[flags.index("--lr") + 1]
+        run.append(lr if output.endswith(f"lr{lr}") and not os.path.basename(output).startswith("knob") else
+                   f"knob at {lr}")
+        value = maps[lr] - (0.05 if "--similar_weight" in flags else 0)  # the knob's second value loses
+        write_tuning(tmp_path / "claims" / "pairs" / "tune" / "MMHH" / os.path.basename(output),
+                     {b: (value, False) for b in claims.BITS})
+        return 0
+    monkeypatch.setattr(claims, "compare", fake_compare)
+    common = ["--protocols", "pairs", "--methods", "MMHH", "--output", str(tmp_path / "claims")]
+    assert claims.main(["tune", *common]) == 0
+    assert run == [*tried, f"knob at {chosen}"]
+    choice = json.loads((tmp_path / "claims" / "pairs" / "tune" / "MMHH" / "choice.json").read_text())
+    assert choice == {"flags": f"--lr {chosen} --similar_weight 1"}
+    table = claims.tuning_table(claims.parse_args(["report", *common]), "pairs")
+    rows = [row for row in table.splitlines() if row.startswith("| MMHH |")]
+    assert [row.split("`")[1] for row in rows] == [f"--lr {lr} --similar_weight {w}" for lr, w in
+                                                  [*((lr, "1") for lr in sorted(tried, key=float)), (chosen, "auto")]]
+    assert [row.endswith("| chosen |") for row in rows] == [row.split("`")[1] == choice["flags"] for row in rows]
+
+
 def test_tune_then_table_then_report_on_tiny_data(tmp_path, tiny_data, monkeypatch, capsys):
     monkeypatch.setattr(claims, "PROTOCOLS", {"tiny": claims.Protocol(
         "tiny", "tiny_tune", [claims.carved("tiny", 6)], ["--radius", "2"])})
     monkeypatch.setattr(claims, "METHODS", ["MMHH"])
     monkeypatch.setattr(claims, "LRS", ["0.01", "0.02"])
+    monkeypatch.setattr(claims, "WIDEN_STEPS", 0)  # on a grid of two, the best is always on an edge
     monkeypatch.setattr(claims, "BITS", ["16"])
     monkeypatch.setattr(claims, "SEEDS", ["0"])
     monkeypatch.setattr(claims, "TRAINING", [*TRAINING, "--num_iters", "4"])
@@ -57,7 +91,8 @@ def test_tune_then_table_then_report_on_tiny_data(tmp_path, tiny_data, monkeypat
     choice = {"MMHH": choice}
     assert choice["MMHH"]["flags"] in {f"--lr {lr} --similar_weight {w}" for lr in ("0.01", "0.02")
                                        for w in ("1", "auto")}
-    knob_log = (tmp_path / "claims" / "tiny" / "tune" / "MMHH" / "knob" / "cells" / "MMHH_16bit_seed0" /
+    lr = choice["MMHH"]["flags"].split()[1]
+    knob_log = (tmp_path / "claims" / "tiny" / "tune" / "MMHH" / f"knob_lr{lr}" / "cells" / "MMHH_16bit_seed0" /
                 "train.log").read_text()
     assert "--eval_split val" in knob_log and "--similar_weight auto" in knob_log
 
@@ -87,11 +122,12 @@ def test_table_narrowed_to_a_method_needs_only_its_choice_and_runs_only_its_cell
     folder.mkdir(parents=True)
     (folder / "choice.json").write_text(json.dumps({"flags": "--lr 0.0025 --gamma 20"}))
     calls = []
-    monkeypatch.setattr(claims, "compare", lambda args, *rest: calls.append(rest) or 0)
+    monkeypatch.setattr(claims, "compare", lambda args, *rest, **options: calls.append((*rest, options)) or 0)
     common = ["--protocols", "pairs", "--output", str(tmp_path / "claims"), "--data_dir", str(tmp_path)]
     assert claims.main(["table", *common, "--methods", "DCH"]) == 0
-    dataset, output, methods, bits, seeds, flags, method_flags = calls[0]
+    dataset, output, methods, bits, seeds, flags, method_flags, options = calls[0]
     assert (dataset, methods, seeds) == ("fashion_mnist_pairs", ["DCH"], claims.SEEDS)
+    assert options == {"redo_changed": True}  # cells run at an earlier choice follow the new one
     assert output == str(folder.parent.parent / "table") and method_flags == {"DCH": "--lr 0.0025 --gamma 20"}
     with pytest.raises(claims.UsageError, match="pairs: no tuned choice for MMHH, MMHH_paper, HashNet"):
         claims.main(["table", *common])
