@@ -161,8 +161,9 @@ def tune(args):
             knob, first, second = KNOBS[method]
             compare(args, protocol.tune_dataset, os.path.join(folder, f"knob_lr{lr}"), [method], BITS, ["0"],
                     [*flags, "--lr", lr, knob, second])
-            won = best_setting(folder, [f"lr{lr}", f"knob_lr{lr}"], method)
-            choice = {"flags": f"--lr {lr} {knob} {second if won.startswith('knob') else first}"}
+            # The best of every setting tried: a knob tried at an lr the widened grid moved away from counts too.
+            won = best_setting(folder, tried_settings(folder), method)
+            choice = {"flags": f"--lr {won.split('lr')[-1]} {knob} {second if won.startswith('knob') else first}"}
             write_text_atomically(os.path.join(folder, "choice.json"), json.dumps(choice, indent=1) + "\n")
             print(f"claims: {name}: {method} chose {choice['flags']}", flush=True)
     return 0

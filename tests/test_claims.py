@@ -42,17 +42,7 @@ def test_the_best_setting_has_the_best_mean_over_bits_and_no_collapse(tmp_path):
     ({"0.0025": 0.5, "0.005": 0.7, "0.01": 0.6}, ["0.0025", "0.005", "0.01"], "0.005"),
 ])
 def test_tuning_widens_the_lr_grid_past_an_edge_that_wins(tmp_path, monkeypatch, maps, tried, chosen):
-    run = []
-
-    def fake_compare(args, dataset, output, methods, bits, seeds, flags, *rest, **options):
-        lr = flags[flags.index("--lr") + 1]
-        run.append(lr if output.endswith(f"lr{lr}") and not os.path.basename(output).startswith("knob") else
-                   f"knob at {lr}")
-        value = maps[lr] - (0.05 if "--similar_weight" in flags else 0)  # the knob's second value loses
-        write_tuning(tmp_path / "claims" / "pairs" / "tune" / "MMHH" / os.path.basename(output),
-                     {b: (value, False) for b in claims.BITS})
-        return 0
-    monkeypatch.setattr(claims, "compare", fake_compare)
+    run = fake_tuning(tmp_path, monkeypatch, maps)
     common = ["--protocols", "pairs", "--methods", "MMHH", "--output", str(tmp_path / "claims")]
     assert claims.main(["tune", *common]) == 0
     assert run == [*tried, f"knob at {chosen}"]
@@ -63,6 +53,32 @@ def test_tuning_widens_the_lr_grid_past_an_edge_that_wins(tmp_path, monkeypatch,
     assert [row.split("`")[1] for row in rows] == [f"--lr {lr} --similar_weight {w}" for lr, w in
                                                   [*((lr, "1") for lr in sorted(tried, key=float)), (chosen, "auto")]]
     assert [row.endswith("| chosen |") for row in rows] == [row.split("`")[1] == choice["flags"] for row in rows]
+
+
+def test_the_choice_is_the_best_setting_tried_a_knob_at_an_earlier_lr_included(tmp_path, monkeypatch):
+    # A knob run at 0.01 when 0.01 was the best lr (before a widening moved it) still counts.
+    folder = tmp_path / "claims" / "pairs" / "tune" / "MMHH"
+    write_tuning(folder / "knob_lr0.01", {b: (0.9, False) for b in claims.BITS})
+    run = fake_tuning(tmp_path, monkeypatch, {"0.0025": 0.5, "0.005": 0.7, "0.01": 0.6})
+    assert claims.main(["tune", "--protocols", "pairs", "--methods", "MMHH", "--output", str(tmp_path / "claims")]) == 0
+    assert run == ["0.0025", "0.005", "0.01", "knob at 0.005"]
+    assert json.loads((folder / "choice.json").read_text()) == {"flags": "--lr 0.01 --similar_weight auto"}
+
+
+def fake_tuning(tmp_path, monkeypatch, maps):
+    """Make claims.compare write a tuning folder of MMHH with maps[lr] (the knob's second value 0.05 less);
+    the list it returns fills with the lrs run, in order."""
+    run = []
+
+    def fake_compare(args, dataset, output, methods, bits, seeds, flags, *rest, **options):
+        lr = flags[flags.index("--lr") + 1]
+        knob = os.path.basename(output).startswith("knob")
+        run.append(f"knob at {lr}" if knob else lr)
+        write_tuning(tmp_path / "claims" / "pairs" / "tune" / "MMHH" / os.path.basename(output),
+                     {b: (maps[lr] - 0.05 * knob, False) for b in claims.BITS})
+        return 0
+    monkeypatch.setattr(claims, "compare", fake_compare)
+    return run
 
 
 def test_tune_then_table_then_report_on_tiny_data(tmp_path, tiny_data, monkeypatch, capsys):
