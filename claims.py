@@ -14,6 +14,7 @@ methods. The choices of `tune` go to claims/<protocol>/tune/<method>/choice.json
 (README, "The paper's claims").
 """
 import argparse
+import glob
 import json
 import os
 import shlex
@@ -345,6 +346,22 @@ def start_unit(args, unit, signals):
     return child, log
 
 
+def table_results(args, name):
+    """A protocol's test-table rows, read from its cells' result.json rather than results.csv: a narrowed
+    `table --methods` run rewrites results.csv with its own methods' rows alone until `all` writes it whole.
+    A seed not yet finished of a method that has started is a "not run" row."""
+    found = {}
+    for path in glob.glob(os.path.join(glob.escape(os.path.join(args.output, name, "table")), "cells", "*",
+                                       "result.json")):
+        with open(path, encoding="utf-8") as handle:
+            row = json.load(handle)
+        found[row["method"], str(row["bits"]), str(row["seed"])] = row
+    started = {method for method, _, _ in found}
+    return [found.get((method, bits, seed), {"method": method, "bits": int(bits), "seed": int(seed),
+                                             "status": "not run"})
+            for method in METHODS if method in started for bits in BITS for seed in SEEDS]
+
+
 def results_so_far(path):
     """The rows of a compare.py results.csv, or none when that stage has not started."""
     return read_results(path) if os.path.exists(path) else []
@@ -380,8 +397,7 @@ def main_table(args):
     rows = [header, "|---" * (len(args.protocols) * len(BITS) + 1) + "|"]
     summaries = {}
     for name in args.protocols:
-        path = os.path.join(args.output, name, "table", "results.csv")
-        results = results_so_far(path)
+        results = table_results(args, name)
         for method in METHODS:
             for bits in BITS:
                 summaries[method, name, bits] = cell_summary(results, method, int(bits), "map_radius_deephash")
@@ -406,7 +422,7 @@ def main_table(args):
 
 def detail_table(args, name):
     """One protocol's test table beside what MAP@H<=2 leaves out: empty balls, distinct codes, MAP@TopK."""
-    results = results_so_far(os.path.join(args.output, name, "table", "results.csv"))
+    results = table_results(args, name)
     if not any(r["status"] == "ok" for r in results):
         return f"## {name}: the table in detail\n\nNo cell has finished.\n"
     rows = ["| method | bits | MAP@H<=2 | empty balls | distinct codes | MAP@TopK |", "|---|---|---|---|---|---|"]

@@ -149,17 +149,23 @@ def test_table_narrowed_to_a_method_needs_only_its_choice_and_runs_only_its_cell
         claims.main(["table", *common])
 
 
-def test_report_of_a_table_that_one_method_has_started(tmp_path):
-    # `all` runs a method's table cells alone, so a table's results.csv may hold one method's rows only.
+def test_report_shows_every_finished_cell_of_a_table_whose_results_csv_one_method_rewrote(tmp_path):
+    # `all` runs each method's table cells alone, and each such run rewrites results.csv with its rows only.
     folder = tmp_path / "claims" / "pairs" / "table"
-    folder.mkdir(parents=True)
     rows = [{"method": "DCH", "bits": bits, "seed": seed, "radius": 2, "status": "ok", "collapsed": False,
              "map_radius_deephash": 0.3 + seed / 100} for bits in (16, 48) for seed in (0, 1, 2)]
-    (folder / "results.csv").write_text(compare.results_csv(rows))
+    rows += [{"method": "MMHH", "bits": bits, "seed": 0, "radius": 2, "status": "ok", "collapsed": False,
+              "map_radius_deephash": 0.2} for bits in (16, 48)]
+    for row in rows:
+        cell = folder / "cells" / f"{row['method']}_{row['bits']}bit_seed{row['seed']}"
+        cell.mkdir(parents=True)
+        (cell / "result.json").write_text(json.dumps(row))
+    (folder / "results.csv").write_text(compare.results_csv(rows[-2:]))  # the MMHH run's
     args = claims.parse_args(["report", "--protocols", "pairs", "--output", str(tmp_path / "claims")])
     table = claims.main_table(args)
     assert "| DCH | **0.3100 ± 0.0100 (n=3)** | **0.3100 ± 0.0100 (n=3)** |" in table
-    assert "| MMHH | not run | not run |" in table
+    assert "| MMHH | 0.2000 (n=1 of 3; incomplete: 2 not run) | 0.2000 (n=1 of 3; incomplete: 2 not run) |" in table
+    assert "| HashNet | not run | not run |" in table
 
 
 def test_kill_on_claims_stops_the_running_training_cleanly_and_no_further_compare(tmp_path, tiny_data):
