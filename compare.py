@@ -272,7 +272,8 @@ def cell_command(args, method, bits, seed, folder):
             "--runs_dir", os.path.join(os.path.abspath(folder), "runs"),
             "--test_output_dir", os.path.join(os.path.abspath(folder), "test_output"),
             # Snapshots are written atomically, so the newest alone resumes a cell; a full claims run
-            # keeps one per cell instead of two (README, "Reproduce the claims").
+            # keeps one per cell instead of two (README, "The paper's claims"). A --keep_snapshots among
+            # the training flags comes later and wins.
             "--keep_snapshots", "1", *cell_flags(args, method)]
 
 

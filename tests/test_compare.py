@@ -165,8 +165,13 @@ def test_a_rerun_with_other_flags_stops_before_training_and_redo_changed_redoes(
 
 def test_an_interrupted_cell_resumes_from_its_last_snapshot_to_the_same_result(tmp_path, tiny_data, capsys):
     assert run_compare(tmp_path, tiny_data, "--methods", "MMHH", "--snapshot-interval", "3") == 0
-    finished = rows(tmp_path)[0]
     cell = tmp_path / "cmp" / "cells" / "MMHH_16bit_seed0"
+    # A cell keeps its newest snapshot only (a claims run holds hundreds of cells).
+    assert [p.name for p in (cell / "snapshot").iterdir()] == ["MMHH_16bit_seed0_tiny_tiny_iter_00006"]
+    # A training flag overrides that: keep two, so that the snapshot of iteration 3 is there to resume from.
+    keep_two = ["--methods", "MMHH", "--snapshot-interval", "3", "--keep_snapshots", "2", "--redo_changed"]
+    assert run_compare(tmp_path, tiny_data, *keep_two) == 0
+    finished = rows(tmp_path)[0]
     # As a stop at iteration 3..5 leaves it: the snapshot of iteration 3, no final snapshot or evaluation.
     for path in (cell / "snapshot").glob("*_iter_00006"):
         path.unlink()
@@ -174,7 +179,7 @@ def test_an_interrupted_cell_resumes_from_its_last_snapshot_to_the_same_result(t
         shutil.rmtree(path)
     result = json.loads((cell / "result.json").read_text())
     (cell / "result.json").write_text(json.dumps({**result, "status": "interrupted"}))
-    assert run_compare(tmp_path, tiny_data, "--methods", "MMHH", "--snapshot-interval", "3") == 0
+    assert run_compare(tmp_path, tiny_data, *keep_two) == 0
     assert "resuming MMHH_16bit_seed0 from MMHH_16bit_seed0_tiny_tiny_iter_00003: it was interrupted before" \
         in capsys.readouterr().out
     assert "--resume" in (cell / "train.log").read_text()
