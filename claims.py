@@ -159,12 +159,11 @@ def tune(args):
         for method in args.methods:
             folder = os.path.join(args.output, name, "tune", method)
             lr = tuned_lr(args, protocol.tune_dataset, folder, method, flags)
-            knob, first, second = KNOBS[method]
+            knob, _, second = KNOBS[method]
             compare(args, protocol.tune_dataset, os.path.join(folder, f"knob_lr{lr}"), [method], BITS, ["0"],
                     [*flags, "--lr", lr, knob, second])
             # The best of every setting tried: a knob tried at an lr the widened grid moved away from counts too.
-            won = best_setting(folder, tried_settings(folder), method)
-            choice = {"flags": f"--lr {won.split('lr')[-1]} {knob} {second if won.startswith('knob') else first}"}
+            choice = {"flags": setting_flags(method, best_setting(folder, tried_settings(folder), method))}
             write_text_atomically(os.path.join(folder, "choice.json"), json.dumps(choice, indent=1) + "\n")
             print(f"claims: {name}: {method} chose {choice['flags']}", flush=True)
     return 0
@@ -182,24 +181,36 @@ def tuned_lr(args, dataset, folder, method, flags):
     for lr in lrs:
         run(lr)
     for _ in range(WIDEN_STEPS):
-        if best(lrs) == lrs[0]:
-            lrs.insert(0, f"{float(lrs[0]) / 2:g}")
+        lr = best(lrs)
+        if lr == lrs[0]:
+            lrs.insert(0, f"{float(lr) / 2:g}")
             run(lrs[0])
-        elif best(lrs) == lrs[-1]:
-            lrs.append(f"{float(lrs[-1]) * 2:g}")
+        elif lr == lrs[-1]:
+            lrs.append(f"{float(lr) * 2:g}")
             run(lrs[-1])
         else:
-            break
+            return lr
     return best(lrs)
 
 
 def tried_settings(folder):
     """A method's tuning folders: its lrs (the grid's until it has started), then its knobs, by lr."""
     def lr_of(setting):
-        return float(setting.split("lr")[-1])
+        return float(setting_lr(setting))
     found = os.listdir(folder) if os.path.isdir(folder) else []
     lrs = sorted({f"lr{lr}" for lr in LRS} | {s for s in found if s.startswith("lr")}, key=lr_of)
     return lrs + sorted((s for s in found if s.startswith("knob_lr")), key=lr_of)
+
+
+def setting_lr(setting):
+    """The lr of a tuning folder, ``lr<lr>`` or ``knob_lr<lr>``."""
+    return setting.split("lr")[-1]
+
+
+def setting_flags(method, setting):
+    """The training flags of a tuning folder: its lr, and the knob's second value in a knob folder."""
+    knob, first, second = KNOBS[method]
+    return f"--lr {setting_lr(setting)} {knob} {second if setting.startswith('knob') else first}"
 
 
 def best_setting(folder, settings, method):
@@ -449,14 +460,13 @@ def tuning_table(args, name):
     choices = read_choices(args, name)
     for method in METHODS:
         folder = os.path.join(args.output, name, "tune", method)
-        knob, first, second = KNOBS[method]
         for setting in tried_settings(folder):
             results = results_so_far(os.path.join(folder, setting, "results.csv"))
             summaries = [cell_summary(results, method, int(bits), "map_radius_deephash") for bits in BITS]
             cells = [cell_text(s) if s["asked"] else "not run" for s in summaries]
             mean = (f"{sum(s['mean_std'][0] for s in summaries) / len(BITS):.4f}" if all(s["n"] for s in summaries)
                     else "–")
-            flags = f"--lr {setting.split('lr')[-1]} {knob} {second if setting.startswith('knob') else first}"
+            flags = setting_flags(method, setting)
             chosen = "chosen" if choices.get(method, {}).get("flags") == flags else ""
             rows.append(f"| {method} | `{flags}` | " + " | ".join(cells) + f" | {mean} | {chosen} |")
     return (f"## Tuning on {PROTOCOLS[name].tune_dataset} (validation queries, seed 0)\n\nEach method's lr "
@@ -480,11 +490,12 @@ def ablation_table(args):
 
 def time_table(args):
     """Per stage: cells finished of those it asks, and the time they took (one thread each)."""
-    tuning = [os.path.join(args.output, name, "tune", method) for name in args.protocols for method in METHODS]
+    tuning = {folder: tried_settings(folder) for folder in
+              (os.path.join(args.output, name, "tune", method) for name in args.protocols for method in METHODS)}
     stages = {
-        "tune": ([os.path.join(folder, setting) for folder in tuning for setting in tried_settings(folder)],
-                 len(BITS) * sum(len(tried_settings(folder)) + (not tried_settings(folder)[-1].startswith("knob"))
-                                 for folder in tuning)),
+        # a method not yet at its knob still asks for one
+        "tune": ([os.path.join(folder, setting) for folder, settings in tuning.items() for setting in settings],
+                 len(BITS) * sum(len(s) + (not s[-1].startswith("knob")) for s in tuning.values())),
         "table": ([os.path.join(args.output, name, "table") for name in args.protocols],
                   len(args.protocols) * len(METHODS) * len(BITS) * len(SEEDS)),
         "ablation": ([os.path.join(args.output, "ablation", f"{batch_type}_w{weight}") for batch_type in BATCH_TYPES
